@@ -8,7 +8,7 @@ repair restored the original bytes.
 
 from __future__ import annotations
 
-import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -18,14 +18,15 @@ from extract.manifest import manifest_sha256, read_manifest, write_manifest
 from extract.run import _TORCH_DTYPES, ExtractionError, run_extraction, settings_from_identity
 
 
-def repair_store(store: Path | str) -> list[int]:
+def repair_store(store: str | os.PathLike[str]) -> list[int]:
     """Repair every bad shard of ``store``; returns the shard indices rewritten."""
     from stores import FeatureStore
     from stores.integrity import shard_entries, verify
     from stores.layout import read_meta, token_array_name
-    from stores.writer import rewrite_shard
+    from stores.location import Location
+    from stores.writer import committed_items, rewrite_shard
 
-    store = Path(store)
+    store = Location.of(store)
     meta = read_meta(store)
     problems = verify(store)
     if meta is None or not problems:
@@ -37,7 +38,7 @@ def repair_store(store: Path | str) -> list[int]:
     if not Path(manifest).is_file() or manifest_sha256(manifest) != meta.identity.get("manifest_sha256"):
         raise ExtractionError(f"the source manifest {manifest} is gone or changed since {store} was made")
     name = token_array_name(meta.layout)
-    items = [json.loads(line) for line in (store / "items.jsonl").read_text().splitlines() if line.strip()]
+    items = committed_items(store)
     lengths = np.array([int(it["length"]) for it in items])
     starts = np.concatenate([[0], np.cumsum(lengths)])
     manifest_items = read_manifest(manifest)

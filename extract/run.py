@@ -289,10 +289,10 @@ def _encode_into(writer: Any, items: list[Item], encoder: FrozenEncoder, bar: An
                 f"item {item.id!r} ({where}, {manifest} line {item.line}) failed: {reason}. Stopping because "
                 f"on_error='fail'; store {store_path} stays incomplete"
             )
+        if failures:  # before the batch's items: the shard committing them then commits these errors too
+            writer.add_errors([_error_record(item, reason) for item, reason in failures])
         if metas:
             writer.add_batch(metas, values.cpu(), lengths.cpu())
-        if failures:
-            writer.add_errors([_error_record(item, reason) for item, reason in failures])
         n_failed += len(failures)
         first_failures.extend(f"{item.id!r}: {reason}" for item, reason in failures[: 3 - len(first_failures)])
         bar.update(sources)

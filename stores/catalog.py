@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
-from stores.layout import ERRORS_FILE, read_meta
-
-
-def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+from stores.layout import read_meta
+from stores.location import Location
 
 
-def describe(path: Path | str) -> dict:
+def disk_bytes(path: Location | str | os.PathLike[str]) -> int:
+    return sum(size for _, size in Location.of(path).files())
+
+
+def describe(path: Location | str | os.PathLike[str]) -> dict:
     """Everything ``stores info`` prints, as a dict. Raises ``ValueError`` if ``path`` is not a feature store."""
-    path = Path(path)
+    from stores.writer import committed_items
+
+    path = Location.of(path)
     meta = read_meta(path)
     if meta is None:
         raise ValueError(f"{path} is not a feature store")
-    errors = path / ERRORS_FILE
     return {
         "path": str(path),
         "modality": meta.modality,
@@ -30,20 +32,20 @@ def describe(path: Path | str) -> dict:
         "tokens_per_item": meta.tokens_per_item,
         "dtype": meta.dtype,
         "disk_bytes": disk_bytes(path),
-        "failed_items": sum(1 for _ in errors.open()) if errors.exists() else 0,
+        "failed_items": len(committed_items(path, "errors")),
         "key": meta.key,
         "identity": meta.identity,
         "summary": meta.summary,
     }
 
 
-def find_stores(root: Path | str) -> list[Path]:
+def find_stores(root: Location | str | os.PathLike[str]) -> list[Location]:
     """Feature stores at or below ``root`` (a store's own sub-arrays are not searched)."""
-    root = Path(root)
+    root = Location.of(root)
     if read_meta(root) is not None:
         return [root]
-    found: list[Path] = []
-    for child in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+    found: list[Location] = []
+    for child in root.child_folders():
         found.extend(find_stores(child))
     return found
 

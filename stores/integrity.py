@@ -7,10 +7,12 @@ only as far as its per-shard manifest entries (row range, sha256 of the file, si
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from stores.layout import SHARD_MANIFEST_DIR, read_meta, shard_file, token_array_name
+from stores.location import Location
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,11 @@ class ShardProblem:
         return f"{self.array} shard {self.shard} ({where}): {self.reason}"
 
 
-def shard_entries(store: Path, array: str) -> dict[int, dict]:
-    folder = store / SHARD_MANIFEST_DIR / array
+def shard_entries(store: Location | str | os.PathLike[str], array: str) -> dict[int, dict]:
     out = {}
-    for path in folder.glob("*.json") if folder.is_dir() else []:
+    for path in (Location.of(store) / SHARD_MANIFEST_DIR / array).children():
+        if not path.name.endswith(".json"):
+            continue
         try:
             entry = json.loads(path.read_text())
             out[int(entry["shard"])] = entry
@@ -37,42 +40,57 @@ def shard_entries(store: Path, array: str) -> dict[int, dict]:
     return out
 
 
-def check_shard(store: Path, array: str, entry: dict, ndim: int, full_hash: bool = True) -> str | None:
-    """None when the shard file matches its entry, else the reason it does not."""
-    from stores.writer import sha256_file
-
+def check_shard(store: Location | str | os.PathLike[str], array: str, entry: dict, ndim: int, full_hash: bool = True) -> str | None:
+    """None when the shard's object matches its entry, else the reason it does not."""
     path = shard_file(store, array, int(entry["shard"]), ndim)
-    if not path.is_file():
+    try:
+        size = path.size()
+    except (FileNotFoundError, IsADirectoryError):
         return "shard file is missing"
-    size = path.stat().st_size
     if size != entry["bytes"]:
         return f"shard file is {size} bytes, its manifest entry says {entry['bytes']} (truncated or rewritten)"
-    if full_hash and sha256_file(path) != entry["sha256"]:
+    if full_hash and path.sha256() != entry["sha256"]:
         return "content differs from the sha256 recorded when it was written (altered or corrupted)"
     return None
 
 
-def committed_rows(store: Path, array: str, ndim: int) -> tuple[int, int]:
-    """``(rows, shards)``: the longest run of shards from 0 whose files match their manifest entries."""
-    entries = shard_entries(store, array)
-    rows = shards = 0
-    while shards in entries and entries[shards]["rows"][0] == rows:
-        if check_shard(store, array, entries[shards], ndim) is not None:
-            break
-        rows = entries[shards]["rows"][1]
-        shards += 1
+def committed_rows(store: Location | str | os.PathLike[str], array: str, ndim: int) -> tuple[int, int]:
+    """``(rows, shards)``: the longest run of shards from 0 whose objects match their manifest entries."""
+    rows, shards, _ = committed_entries(store, array, ndim)
     return rows, shards
 
 
-def verify(store: Path | str) -> list[ShardProblem]:
+def committed_entries(store: Location | str | os.PathLike[str], array: str, ndim: int
+                      ) -> tuple[int, int, list[dict]]:
+    """``(rows, shards, entries)`` of the longest run of shards from 0 whose objects match their entries."""
+    store = Location.of(store)
+    entries = shard_entries(store, array)
+    rows = shards = 0
+    kept = []
+    while shards in entries and entries[shards]["rows"][0] == rows:
+        if check_shard(store, array, entries[shards], ndim) is not None:
+            break
+        kept.append(entries[shards])
+        rows = entries[shards]["rows"][1]
+        shards += 1
+    return rows, shards, kept
+
+
+def entry_records(entries: list[dict], kind: str) -> Iterator[dict]:
+    """The item (``kind="items"``) or error records the given manifest entries commit, in order."""
+    for entry in entries:
+        yield from entry.get(kind, ())
+
+
+def verify(store: Location | str | os.PathLike[str]) -> list[ShardProblem]:
     """Re-hash every shard of a store against its manifest; name each missing, truncated or altered one."""
     import zarr
 
-    store = Path(store)
+    store = Location.of(store)
     meta = read_meta(store)
     if meta is None:
         return [ShardProblem("-", -1, None, f"{store} is not a feature store")]
-    group = zarr.open_group(store, mode="r")
+    group = zarr.open_group(store.zarr_store(read_only=True), mode="r")
     arrays = [token_array_name(meta.layout)] + (["offsets"] if meta.layout == "ragged" and meta.complete else [])
     problems: list[ShardProblem] = []
     for name in arrays:

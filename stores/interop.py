@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
 from stores.errors import StoreError
 from stores.layout import ITEMS_FILE, STORAGE_DTYPE, token_array_name
+from stores.location import Location
 from stores.reader import FeatureStore
-from stores.writer import StoreWriter, sha256_file, store_status
+from stores.writer import StoreWriter, open_group, read_jsonl, sha256_file, store_status
 
 HDF5_FORMAT = "oneencoder-features-hdf5"
 NPY_FORMAT = "oneencoder-features-npy"
@@ -125,8 +125,8 @@ def _bar(total: int, unit: str, desc: str, progress: bool) -> tqdm:
                 disable=not (progress and sys.stderr.isatty()))
 
 
-def export_store(store: Path | str, out: Path | str, fmt: str = "hdf5", *, overwrite: bool = False,
-                 progress: bool = False) -> Path:
+def export_store(store: Location | str | os.PathLike[str], out: Path | str, fmt: str = "hdf5", *,
+                 overwrite: bool = False, progress: bool = False) -> Path:
     """Write a finished store to ``out``: an HDF5 file (``fmt="hdf5"``) or a folder of ``.npy`` files (``"npy"``).
 
     bfloat16 stores are exported as float32 (exact; the logical dtype is recorded, so an import restores bf16).
@@ -135,14 +135,13 @@ def export_store(store: Path | str, out: Path | str, fmt: str = "hdf5", *, overw
     """
     if fmt not in EXPORT_FORMATS:
         raise StoreError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
-    store, out = Path(store), Path(out)
+    store, out = Location.of(store), Path(out)
     source = FeatureStore.open(store, ram_budget_gb=0)  # checks the store is a finished feature store
     meta = source.meta
     if out.exists() and not overwrite:
         raise StoreError(f"{out} already exists; pass --overwrite to replace it")
-    with open(store / ITEMS_FILE, encoding="utf-8") as handle:
-        items = [json.loads(line) for line in handle if line.strip()]
-    array = zarr.open_group(store, mode="r")[token_array_name(meta.layout)]
+    items = read_jsonl(store / ITEMS_FILE)
+    array = open_group(store)[token_array_name(meta.layout)]
     feature_dtype = np.dtype("float32" if meta.dtype == "bfloat16" else STORAGE_DTYPE[meta.dtype])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -186,7 +185,7 @@ def export_store(store: Path | str, out: Path | str, fmt: str = "hdf5", *, overw
             "identity": meta.identity,
             "key": meta.key,
             "summary": meta.summary or {},
-            "source_store": str(store.resolve()),
+            "source_store": str(store) if store.remote else str(store.path.resolve()),
         })
     except BaseException:
         sink.abort()
@@ -332,7 +331,7 @@ def _store_dtype(requested: str | None, recorded: Any, features_dtype: np.dtype,
     return dtype
 
 
-def import_hdf5(file: Path | str, store: Path | str, *, modality: str | None = None, dtype: str | None = None,
+def import_hdf5(file: Path | str, store: Location | str | os.PathLike[str], *, modality: str | None = None, dtype: str | None = None,
                 overwrite: bool = False, shard_mb: float = 64.0, progress: bool = False) -> dict:
     """Write the HDF5 file ``file`` as a feature store at ``store``; returns the store's summary.
 
@@ -344,7 +343,7 @@ def import_hdf5(file: Path | str, store: Path | str, *, modality: str | None = N
     """
     import h5py
 
-    file, store = Path(file), Path(store)
+    file, store = Path(file), Location.of(store)
     if not file.is_file():
         raise StoreError(f"{file}: no such file")
     digest = sha256_file(file)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
+
+from stores.location import Location
 
 FORMAT_NAME = "oneencoder-feature-store"
 FORMAT_VERSION = 1
@@ -30,9 +32,12 @@ def token_array_name(layout: str) -> str:
     return "pooled" if layout == "pooled" else "tokens"
 
 
-def shard_file(store: Path, array: str, shard_index: int, ndim: int) -> Path:
-    """Path of one shard under zarr's default '/'-separated chunk keys ('c/<i>/0/0')."""
-    return store.joinpath(array, "c", str(shard_index), *(["0"] * (ndim - 1)))
+def shard_file(store: Location | str | os.PathLike[str], array: str, shard_index: int, ndim: int) -> Location:
+    """One shard's object under zarr's default '/'-separated chunk keys ('c/<i>/0/0')."""
+    location = Location.of(store) / array / "c" / str(shard_index)
+    for _ in range(ndim - 1):
+        location = location / "0"
+    return location
 
 
 def shard_rows_for(row_bytes: int, shard_mb: float, chunk_rows: int) -> int:
@@ -93,18 +98,19 @@ class StoreMeta:
         )
 
 
-def read_meta(store: Path) -> StoreMeta | None:
+def read_meta(store: Location | str | os.PathLike[str]) -> StoreMeta | None:
     """The store's metadata straight from ``zarr.json`` (no zarr import: this is the fast no-op path)."""
-    group_json = Path(store) / "zarr.json"
-    if not group_json.is_file():
+    try:
+        text = (Location.of(store) / "zarr.json").read_text()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    attrs = json.loads(group_json.read_text()).get("attributes", {}).get(ATTRS_KEY)
+    attrs = json.loads(text).get("attributes", {}).get(ATTRS_KEY)
     if not attrs or attrs.get("format") != FORMAT_NAME:
         return None
     return StoreMeta.from_attrs(attrs)
 
 
-def is_feature_store(path: Path) -> bool:
+def is_feature_store(path: Location | str | os.PathLike[str]) -> bool:
     try:
         return read_meta(path) is not None
     except (OSError, ValueError):

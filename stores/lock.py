@@ -1,4 +1,7 @@
-"""One writer per store: an exclusive lock file naming its holder, with stale-lock detection."""
+"""One writer per store: an exclusive lock object naming its holder, with stale-lock detection.
+
+Local stores create the lock with ``O_EXCL``; object stores with a conditional PUT (see :mod:`stores.location`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,9 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 
 from stores.errors import StoreError
+from stores.location import Location
 
 LOCK_FILE = ".writer.lock"
 
@@ -27,35 +30,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def acquire(store: Path) -> Path:
+def acquire(store: Location) -> Location:
     """Take the store's writer lock or raise :class:`StoreLockedError` naming the holder.
 
     A lock left by a process that no longer runs on this host is stale and is taken over. A lock from another host
     cannot be checked, so it is honoured: remove the lock file by hand if that host's writer is known to be dead.
     """
-    path = Path(store) / LOCK_FILE
+    path = store / LOCK_FILE
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            check(store)
-            path.unlink(missing_ok=True)  # stale: its writer is gone
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(holder))
-            handle.flush()
-            os.fsync(handle.fileno())
-        return path
+        if path.create_exclusive(json.dumps(holder).encode()):
+            return path
+        check(store)
+        path.remove()  # stale: its writer is gone
     raise StoreLockedError(f"could not take the writer lock of {store}: another writer keeps taking it")
 
 
-def check(store: Path) -> None:
+def check(store: Location) -> None:
     """Raise :class:`StoreLockedError` naming the holder when a live writer holds the store's lock (no-op otherwise).
 
     For a fast, early refusal; :func:`acquire` is what actually excludes a second writer.
     """
-    path = Path(store) / LOCK_FILE
+    path = store / LOCK_FILE
     try:
         other = json.loads(path.read_text())
     except FileNotFoundError:
@@ -71,10 +67,11 @@ def check(store: Path) -> None:
         )
 
 
-def release(store: Path) -> None:
-    path = Path(store) / LOCK_FILE
+def release(store: Location) -> None:
+    path = store / LOCK_FILE
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
+        holder = json.loads(path.read_text())
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            path.remove()
     except (OSError, ValueError):
         pass

@@ -11,26 +11,26 @@ error tables, the offsets and the metadata. See docs/store-format.md, "Distribut
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
+import os
 
 import numpy as np
 import zarr
 
 from stores.errors import StoreError
 from stores.integrity import check_shard, shard_entries
-from stores.layout import SHARD_MANIFEST_DIR, read_meta, shard_file, token_array_name
+from stores.layout import read_meta, shard_file, token_array_name
+from stores.location import Location
 
 PARTS_DIR = "_parts"
+Where = Location | str | os.PathLike[str]
 
 
-def part_path(store: Path | str, index: int) -> Path:
+def part_path(store: Where, index: int) -> Location:
     """Where part ``index`` of a distributed extraction is staged."""
-    return Path(store) / PARTS_DIR / f"{index:06d}"
+    return Location.of(store) / PARTS_DIR / f"{index:06d}"
 
 
-def part_rows(part: Path) -> int:
+def part_rows(part: Location) -> int:
     """Rows a finished part holds along axis 0 of its token array (tokens for ragged, items otherwise)."""
     meta = read_meta(part)
     if meta is None or not meta.complete:
@@ -38,15 +38,31 @@ def part_rows(part: Path) -> int:
     return meta.total_tokens if meta.layout == "ragged" else meta.count
 
 
-def _writable(store: Path, name: str) -> zarr.Array:
+def final_records(parts: list[Location], shard_rows: int, total: int) -> tuple[list[dict], list[dict]]:
+    """The records each final shard's manifest entry commits (exactly as one process writing the store would),
+    and the error records no entry commits, from the parts' tables."""
+    from stores.layout import ERRORS_FILE, ITEMS_FILE
+    from stores.writer import commit_plan, read_jsonl
+
+    items = [it for part in parts for it in read_jsonl(part / ITEMS_FILE)]
+    errors = [e for part in parts for e in read_jsonl(part / ERRORS_FILE)]
+    ragged = bool(parts) and read_meta(parts[0]).layout == "ragged"
+    rows = [int(it["length"]) if ragged else 1 for it in items]
+    ends = [min(total, (s + 1) * shard_rows) for s in range(-(-total // shard_rows))]
+    return commit_plan(items, errors, rows, ends)
+
+
+def _writable(store: Location, name: str) -> zarr.Array:
+    from stores.writer import _WRITE_CONFIG, open_group
+
     # write_empty_chunks is a runtime setting, not stored: without it an all-zero inner chunk would be left out
     # and the shard's bytes would differ from a single-process run's.
-    return zarr.open_array(store / name, mode="r+").with_config({"write_empty_chunks": True})
+    return open_group(store, mode="r+")[name].with_config(_WRITE_CONFIG)
 
 
-def size_final(store: Path | str, parts: list[Path]) -> int:
+def size_final(store: Where, parts: list[Location]) -> int:
     """Resize the final token array to hold every part's rows (rank 0, before any rank writes a shard)."""
-    store = Path(store)
+    store = Location.of(store)
     meta = read_meta(store)
     if meta is None:
         raise StoreError(f"{store} is not a feature store")
@@ -56,15 +72,15 @@ def size_final(store: Path | str, parts: list[Path]) -> int:
     return total
 
 
-def write_owned_shards(store: Path | str, parts: list[Path], rank: int, world: int) -> list[int]:
+def write_owned_shards(store: Where, parts: list[Location], rank: int, world: int) -> list[int]:
     """Write every final shard ``s`` with ``s % world == rank`` from the parts' rows; return their indices.
 
     A shard whose file already matches a manifest entry for the same rows (written before a crash) is kept. Each
     written shard is fsynced, hashed and recorded exactly as :class:`~stores.writer.StoreWriter` records its own.
     """
-    from stores.writer import atomic_write_text, fsync_path, sha256_file
+    from stores.writer import open_group, record_shard
 
-    store = Path(store)
+    store = Location.of(store)
     meta = read_meta(store)
     if meta is None:
         raise StoreError(f"{store} is not a feature store")
@@ -76,6 +92,7 @@ def write_owned_shards(store: Path | str, parts: list[Path], rank: int, world: i
     if total != (int(ends[-1]) if len(ends) else 0):
         raise StoreError(f"{store}: the parts hold {int(ends[-1]) if len(ends) else 0} rows, the array {total}")
     sources: dict[int, zarr.Array] = {}
+    plan, _ = final_records(parts, shard_rows, total)
     entries = shard_entries(store, name)
     written = []
     for index in range(rank, -(-total // shard_rows), world):
@@ -86,21 +103,17 @@ def write_owned_shards(store: Path | str, parts: list[Path], rank: int, world: i
         pieces = []
         for i in np.nonzero((starts < end) & (ends > start))[0].tolist():
             if i not in sources:
-                sources[i] = zarr.open_array(parts[i] / name, mode="r")
+                sources[i] = open_group(parts[i])[name]
             lo, hi = max(start, int(starts[i])) - int(starts[i]), min(end, int(ends[i])) - int(starts[i])
             pieces.append(sources[i][lo:hi])
         data = np.ascontiguousarray(np.concatenate(pieces))
-        path = shard_file(store, name, index, array.ndim)
-        path.unlink(missing_ok=True)  # never a read-modify-write of a torn shard
+        shard_file(store, name, index, array.ndim).remove()  # never a read-modify-write of a torn shard
         array[start:end] = data
-        fsync_path(path)
-        record = {"array": name, "shard": index, "rows": [start, end], "sha256": sha256_file(path),
-                  "bytes": path.stat().st_size}
-        atomic_write_text(store / SHARD_MANIFEST_DIR / name / f"{index}.json", json.dumps(record))
+        record_shard(store, name, index, (start, end), array.ndim, plan[index])
         written.append(index)
     return written
 
 
-def remove_parts(store: Path | str) -> None:
+def remove_parts(store: Where) -> None:
     """Delete the staging area once the store is complete."""
-    shutil.rmtree(Path(store) / PARTS_DIR, ignore_errors=True)
+    (Location.of(store) / PARTS_DIR).remove_tree()

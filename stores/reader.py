@@ -7,17 +7,16 @@ back in batch order. zarr-python opens the metadata and is the cross-check reade
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
 from stores.errors import StoreError, StoreIncompleteError
-from stores.layout import ERRORS_FILE, ITEMS_FILE, StoreMeta, read_meta, token_array_name
+from stores.layout import ITEMS_FILE, StoreMeta, read_meta, token_array_name
+from stores.location import Location
 
 DEFAULT_RAM_BUDGET_GB = float(os.environ.get("ONEENCODER_RAM_BUDGET_GB", "4"))
 # Output dtypes a batch can be assembled in with numpy (gather, cast and padding in one single-threaded copy).
@@ -33,13 +32,13 @@ class _TensorStoreRows:
     writes and checks the shard index checksum, as zarr does.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Location, kvstore: dict):
         import tensorstore as ts
 
         self.folder = folder
         # No TensorStore cache: the OS page cache already holds hot shards, and a second copy would only grow.
         context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(folder)}}
+        spec = {"driver": "zarr3", "kvstore": kvstore}
         try:
             self._array = ts.open(spec, read=True, open=True, context=context).result()
         except Exception as error:  # noqa: BLE001 - TensorStore raises ValueError/RuntimeError subclasses
@@ -71,7 +70,7 @@ class _TensorStoreRows:
 class FeatureStore:
     """A finished feature store opened for reading. Use :meth:`open`."""
 
-    def __init__(self, path: Path, meta: StoreMeta, items: list[dict], ram_budget_gb: float,
+    def __init__(self, path: Location, meta: StoreMeta, items: list[dict], ram_budget_gb: float,
                  fast_reads: bool = True):
         self.path, self.meta = path, meta
         self.ids: list[str] = [str(item["id"]) for item in items]
@@ -81,11 +80,13 @@ class FeatureStore:
         self.labels: list | None = labels if any(label is not None for label in labels) else None
         self.refs: list[str | None] | None = [None if r is None else str(r) for r in refs] if any(refs) else None
         self._index = {item_id: i for i, item_id in enumerate(self.ids)}
-        group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
         name = token_array_name(meta.layout)
         self._array = group[name]
-        # zarr-python stays the reader of record for metadata and the fallback ``fast_reads=False`` (a cross-check)
-        self._fast = _TensorStoreRows(path / name) if fast_reads else None
+        # zarr-python stays the reader of record for metadata, the fallback ``fast_reads=False`` (a cross-check) and
+        # the reader of remote stores (their whole arrays are fetched shard by shard, concurrently, into RAM)
+        kvstore = (path / name).tensorstore_kvstore()
+        self._fast = _TensorStoreRows(path / name, kvstore) if fast_reads and kvstore else None
         self._offsets = np.zeros(len(items) + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=self._offsets[1:])
         if meta.layout == "ragged" and "offsets" in group:
@@ -100,26 +101,27 @@ class FeatureStore:
     @classmethod
     def open(
         cls,
-        path: Path | str,
+        path: Location | str | os.PathLike[str],
         *,
         ram_budget_gb: float = DEFAULT_RAM_BUDGET_GB,
         allow_incomplete: bool = False,
         fast_reads: bool = True,
     ) -> FeatureStore:
-        """Open a store. Refuses one whose extraction has not finished unless ``allow_incomplete``; an unfinished
+        """Open a store (a local path or an fsspec URL). Refuses one whose extraction has not finished unless
+        ``allow_incomplete``; an unfinished
         store then shows only its committed items (those in shards that match their manifest entries), never item
         records that ran ahead of a shard that was not written.
 
         ``fast_reads=False`` reads every array through zarr-python instead of TensorStore (30-40x slower at random
         reads; kept for comparison and as a cross-check).
         """
-        path = Path(path)
+        from stores.writer import StoreWriter, committed_items
+
+        path = Location.of(path)
         meta = read_meta(path)
         if meta is None:
             raise StoreError(f"{path} is not a feature store (no {path / 'zarr.json'} with feature-store attributes)")
         if not meta.complete and not allow_incomplete:
-            from stores.writer import StoreWriter
-
             done = StoreWriter.progress(path)
             expected = (meta.summary or {}).get("expected_items")
             missing = (f"items {done['items'] + 1}-{expected} of {expected} are missing" if expected
@@ -128,15 +130,9 @@ class FeatureStore:
                 f"store {path} is incomplete: its extraction stopped ({missing}; everything after manifest line "
                 f"{done['last_line']}). Re-run the same extract command to resume it."
             )
-        items_path = path / ITEMS_FILE
-        with open(items_path, encoding="utf-8") as handle:
-            items = [json.loads(line) for line in handle if line.strip()]
+        items = committed_items(path)
         if meta.complete and len(items) != meta.count:
             raise StoreError(f"{path}: {ITEMS_FILE} lists {len(items)} items but the store records {meta.count}")
-        if not meta.complete:
-            from stores.writer import StoreWriter
-
-            items = items[: StoreWriter.progress(path)["items"]]
         return cls(path, meta, items, ram_budget_gb, fast_reads)
 
     # ---- description -------------------------------------------------------------------------------------------
@@ -183,10 +179,9 @@ class FeatureStore:
 
     def errors(self) -> list[dict]:
         """Items the extraction left out, with the reason."""
-        path = self.path / ERRORS_FILE
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from stores.writer import committed_items
+
+        return committed_items(self.path, "errors")
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def load_into_memory(self) -> None:

@@ -1,19 +1,22 @@
-"""Writing feature stores: whole-shard appends, a manifest entry per shard, an item table beside the arrays.
+"""Writing feature stores: whole-shard appends, a manifest entry per shard that commits its rows and item records.
 
 Rows (items for fixed/pooled layouts, tokens for the ragged layout) are buffered in memory and written to zarr only
-as whole shards, on a background thread so the encoder never waits on the disk. After a shard is written its file is
-fsynced, hashed, and a manifest entry ``_shards/<array>/<index>.json`` is written atomically (temp file, fsync,
-rename). A store is marked ``complete`` only by :meth:`StoreWriter.finish`.
+as whole shards, on a background thread so the encoder never waits on the disk. After a shard is written its object
+is made durable and hashed, and a manifest entry ``_shards/<array>/<index>.json`` is written atomically (locally:
+temp file, fsync, rename; on an object store: one PUT). The entry also carries the item records (and the error
+records before them) that this shard completes, so rows and records are committed together by one atomic write and
+an object store never needs an append. ``items.jsonl`` and ``errors.jsonl`` are written whole by
+:meth:`StoreWriter.finish`, which alone marks a store ``complete``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
+import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import zarr
 from stores import lock
 from stores.errors import StoreError, StoreExistsError, StoreMismatchError
 from stores.identity import identity_differences, identity_key
-from stores.integrity import committed_rows, shard_entries
+from stores.integrity import committed_entries, entry_records, shard_entries
 from stores.layout import (
     ATTRS_KEY,
     CHUNK_ROWS,
@@ -40,6 +43,7 @@ from stores.layout import (
     shard_rows_for,
     token_array_name,
 )
+from stores.location import LocalLocation, Location
 
 _TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -53,24 +57,26 @@ _WRITE_CONFIG = {"write_empty_chunks": True}
 _ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
-def remove_killed_writes(store: Path) -> None:
+def remove_killed_writes(store: Location) -> None:
     """Delete the temporary files of writes that a killed writer left half-done (ours and zarr's own): a resumed
-    store must hold exactly what an uninterrupted run would."""
-    for leftover in store.rglob("*"):
-        if leftover.is_file() and (leftover.name.startswith(".") and ".tmp" in leftover.name
-                                   or _ZARR_PARTIAL.search(leftover.name)):
-            leftover.unlink(missing_ok=True)
+    store must hold exactly what an uninterrupted run would. Object stores have none: an unfinished upload is
+    never visible."""
+    if store.remote:
+        return
+    for leftover, _ in list(store.files()):
+        if leftover.name.startswith(".") and ".tmp" in leftover.name or _ZARR_PARTIAL.search(leftover.name):
+            leftover.remove()
 
 
-def store_status(path: Path | str, identity: dict, *, overwrite: bool = False) -> str:
+def store_status(path: Location | str | os.PathLike[str], identity: dict, *, overwrite: bool = False) -> str:
     """``"absent"``, ``"complete"`` or ``"incomplete"`` for a store made with ``identity``.
 
     A store made another way at ``path`` raises :class:`StoreMismatchError`, or gives ``"mismatch"`` when the caller
     means to ``overwrite`` it. A path holding something that is not a feature store raises :class:`StoreError`.
     Reads one small JSON file: fast enough for a no-op check.
     """
-    path = Path(path)
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    path = Location.of(path)
+    if path.is_empty_or_absent():
         return "absent"
     meta = read_meta(path)
     if meta is None:
@@ -90,69 +96,124 @@ def _json_safe(value: dict) -> dict:
     return json.loads(json.dumps(value, default=str))
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path | Location, text: str) -> None:
     """Write ``text`` so that readers see either the old file or the whole new one, even after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    (path if isinstance(path, Location) else LocalLocation(path)).write_text(text)
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return LocalLocation(path).sha256()
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Location) -> list[dict]:
     """Complete JSON lines only: a line torn by a killed writer ends the list."""
     out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                break
+    for line in (path.read_text_or_none() or "").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
     return out
 
 
-def _drop_shards_from(store: Path, name: str, ndim: int, first: int) -> None:
-    """Delete shard files and manifest entries of shard ``first`` and after (they are redone)."""
-    for entry in (store / SHARD_MANIFEST_DIR / name).glob("*.json"):
-        if int(entry.stem) >= first:
-            entry.unlink()
-    shard_root = store / name / "c"
-    for shard_dir in shard_root.iterdir() if shard_root.is_dir() else []:
+def _jsonl(records: Iterable[dict]) -> Iterable[str]:
+    return (json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+
+
+def _drop_shards_from(store: Location, name: str, first: int) -> None:
+    """Delete shard objects and manifest entries of shard ``first`` and after (they are redone)."""
+    for entry in (store / SHARD_MANIFEST_DIR / name).children():
+        stem = entry.name.removesuffix(".json")
+        if stem.isdigit() and int(stem) >= first:
+            entry.remove()
+    for shard_dir in (store / name / "c").children():
         if shard_dir.name.isdigit() and int(shard_dir.name) >= first:
-            shutil.rmtree(shard_dir) if shard_dir.is_dir() else shard_dir.unlink()
+            shard_dir.remove_tree()
+
+
+class _Records:
+    """Item and error records waiting for the shard that commits them.
+
+    The shard holding an item's last row commits the item; with it go the waiting error records whose manifest
+    line comes before the last item it commits (the extraction adds a batch's errors before its items, so those
+    have always arrived). The rule depends only on rows and lines, never on timing, so a resumed or distributed
+    extraction commits exactly the records an uninterrupted one does. Filled by the caller's thread, emptied by
+    the writer thread.
+    """
+
+    def __init__(self, end_row: int = 0, skip: set[tuple] | None = None):
+        self._lock = threading.Lock()
+        self._items: list[tuple[dict, int]] = []  # (record, row after the item's last row), in arrival order
+        self._errors: list[dict] = []
+        self._end_row = end_row
+        self._skip = skip or set()  # records a resumed extraction produces again that an entry already commits
+
+    @staticmethod
+    def key(kind: str, record: dict) -> tuple:
+        return kind, record.get("line"), str(record.get("id"))
+
+    def add(self, kind: str, record: dict, rows: int = 0) -> bool:
+        """Queue one record; False if it was dropped as already committed."""
+        with self._lock:
+            key = self.key(kind, record)
+            if key in self._skip:
+                self._skip.discard(key)
+                return False
+            if kind == "items":
+                self._end_row += rows
+                self._items.append((record, self._end_row))
+            else:
+                self._errors.append(record)
+            return True
+
+    def take_through(self, row: int) -> dict[str, list[dict]]:
+        """Pop the records committed once rows ``[0, row)`` are stored."""
+        with self._lock:
+            n = 0
+            while n < len(self._items) and self._items[n][1] <= row:
+                n += 1
+            if n == 0:
+                return {"items": [], "errors": []}
+            items, self._items = [r for r, _ in self._items[:n]], self._items[n:]
+            last = items[-1].get("line")
+            before = [last is None or int(e.get("line") or 0) < int(last) for e in self._errors]
+            errors = [e for e, b in zip(self._errors, before, strict=True) if b]
+            self._errors = [e for e, b in zip(self._errors, before, strict=True) if not b]
+        return {"items": items, "errors": errors}
+
+    def take_all(self) -> dict[str, list[dict]]:
+        with self._lock:
+            items, errors = [r for r, _ in self._items], self._errors
+            self._items, self._errors = [], []
+        return {"items": items, "errors": errors}
+
+
+def commit_plan(items: list[dict], errors: list[dict], rows_per_item: list[int],
+                shard_ends: list[int]) -> tuple[list[dict[str, list[dict]]], list[dict]]:
+    """The records each shard's entry commits when ``items`` and ``errors`` (all of them, in order) fill shards
+    ending at ``shard_ends``, by the rule of :class:`_Records`; and the error records left for the final table."""
+    records = _Records()
+    for error in errors:
+        records.add("errors", error)
+    for item, rows in zip(items, rows_per_item, strict=True):
+        records.add("items", item, rows)
+    plan = [records.take_through(end) for end in shard_ends]
+    return plan, records.take_all()["errors"]
 
 
 class _ShardAppender:
     """Appends rows to one zarr array along axis 0, writing whole shards only."""
 
-    def __init__(self, store: Path, array: zarr.Array, name: str, shard_rows: int, pool: ThreadPoolExecutor,
-                 start_rows: int = 0, skip_rows: int = 0):
+    def __init__(self, store: Location, array: zarr.Array, name: str, shard_rows: int, pool: ThreadPoolExecutor,
+                 start_rows: int = 0, skip_rows: int = 0, records: _Records | None = None):
         self.store, self.array, self.name, self.shard_rows = store, array, name, shard_rows
         self.row_shape = tuple(array.shape[1:])
         self._pool = pool
+        self._records = records  # committed by this array's manifest entries (the token array's only)
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
-        self._queued_rows = start_rows  # rows handed to the writer thread (after a resume: rows already on disk)
-        self._skip = skip_rows  # re-extracted rows that are already on disk, byte-identical: drop them
+        self._queued_rows = start_rows  # rows handed to the writer thread (after a resume: rows already stored)
+        self._skip = skip_rows  # re-extracted rows that are already stored, byte-identical: drop them
         self._futures: list[Future] = []
         self.bytes_written = sum(e["bytes"] for e in shard_entries(store, name).values()) if start_rows else 0
 
@@ -172,7 +233,7 @@ class _ShardAppender:
     def close(self) -> None:
         """Write the last, partial shard and wait for every write."""
         if self._skip:
-            raise StoreError(f"{self.name}: resumed extraction produced fewer rows than were already on disk")
+            raise StoreError(f"{self.name}: resumed extraction produced fewer rows than were already stored")
         if self._pending_rows:
             self._queue_shard(self._take(self._pending_rows))
         self._drain(0)
@@ -197,29 +258,46 @@ class _ShardAppender:
 
     def _write_shard(self, start: int, data: np.ndarray) -> None:
         end = start + len(data)
-        index = start // self.shard_rows
         self.array.resize((end, *self.row_shape))
         self.array[start:end] = data
-        path = shard_file(self.store, self.name, index, self.array.ndim)
-        fsync_path(path)
-        size = path.stat().st_size
-        entry = {"array": self.name, "shard": index, "rows": [start, end], "sha256": sha256_file(path), "bytes": size}
-        atomic_write_text(self.store / SHARD_MANIFEST_DIR / self.name / f"{index}.json", json.dumps(entry))
-        self.bytes_written += size
+        records = self._records.take_through(end) if self._records is not None else None
+        entry = record_shard(self.store, self.name, start // self.shard_rows, (start, end), self.array.ndim, records)
+        self.bytes_written += entry["bytes"]
 
 
-def rewrite_shard(store: Path | str, array_name: str, index: int, data: np.ndarray | torch.Tensor,
-                  expected_sha256: str | None = None) -> dict:
+def record_shard(store: Location, name: str, index: int, rows: tuple[int, int], ndim: int,
+                 records: dict[str, list[dict]] | None = None, expected_sha256: str | None = None) -> dict:
+    """Make a just-written shard durable, hash it and commit it with its manifest entry (one atomic write).
+
+    With ``expected_sha256`` (a repair) a shard that hashes otherwise is deleted and :class:`StoreError` raised."""
+    path = shard_file(store, name, index, ndim)
+    path.make_durable()
+    entry = {"array": name, "shard": index, "rows": [int(rows[0]), int(rows[1])], "sha256": path.sha256(),
+             "bytes": path.size(), **(records or {})}
+    if expected_sha256 is not None and entry["sha256"] != expected_sha256:
+        path.remove()
+        raise StoreError(f"re-extracted shard {index} of {store}/{name} differs from the original bytes "
+                         "(source media or encoder changed?); left it missing")
+    (store / SHARD_MANIFEST_DIR / name / f"{index}.json").write_text(json.dumps(entry, ensure_ascii=False))
+    return entry
+
+
+def open_group(store: Location, mode: str = "r", **kwargs) -> zarr.Group:
+    """The store's zarr group, local or remote."""
+    return zarr.open_group(store.zarr_store(read_only=mode == "r"), mode=mode, **kwargs)
+
+
+def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, index: int,
+                  data: np.ndarray | torch.Tensor, expected_sha256: str | None = None) -> dict:
     """Write one whole shard again (repair) and record its manifest entry.
 
     ``data`` must be exactly the shard's rows. With ``expected_sha256`` (the hash recorded when the shard was first
-    written) the new file must hash the same, proving the repair restored the original bytes; otherwise nothing is
-    recorded and :class:`StoreError` is raised.
+    written) the new object must hash the same, proving the repair restored the original bytes; otherwise nothing
+    is recorded and :class:`StoreError` is raised. The item and error records the old entry committed are kept.
     """
-    store = Path(store)
+    store = Location.of(store)
     meta = read_meta(store)
-    group = zarr.open_group(store, mode="r+")
-    array = group[array_name].with_config(_WRITE_CONFIG)
+    array = open_group(store, mode="r+")[array_name].with_config(_WRITE_CONFIG)
     shard_rows = array.shards[0]
     start, end = index * shard_rows, min(array.shape[0], (index + 1) * shard_rows)
     if isinstance(data, torch.Tensor):
@@ -229,53 +307,47 @@ def rewrite_shard(store: Path | str, array_name: str, index: int, data: np.ndarr
         data = tensor.numpy()
     if data.shape != (end - start, *array.shape[1:]):
         raise StoreError(f"shard {index} of {store}/{array_name} holds rows {start}-{end - 1}; got {data.shape}")
-    path = shard_file(store, array_name, index, array.ndim)
-    path.unlink(missing_ok=True)  # zarr reads an existing shard back first, and a corrupt one makes that fail
+    old = shard_entries(store, array_name).get(index, {})
+    records = {kind: old[kind] for kind in ("items", "errors") if kind in old}
+    shard_file(store, array_name, index, array.ndim).remove()  # zarr would read a corrupt one back first
     array[start:end] = data
-    fsync_path(path)
-    entry = {"array": array_name, "shard": index, "rows": [start, end], "sha256": sha256_file(path),
-             "bytes": path.stat().st_size}
-    if expected_sha256 is not None and entry["sha256"] != expected_sha256:
-        path.unlink()
-        raise StoreError(f"re-extracted shard {index} of {store}/{array_name} differs from the original bytes "
-                         "(source media or encoder changed?); left it missing")
-    atomic_write_text(store / SHARD_MANIFEST_DIR / array_name / f"{index}.json", json.dumps(entry))
-    return entry
+    return record_shard(store, array_name, index, (start, end), array.ndim, records, expected_sha256)
 
 
 class StoreWriter:
     """Creates (or reopens) a store and appends batches of encoder outputs. Use :meth:`create` or :meth:`reopen`.
 
     Holds the store's writer lock from creation to :meth:`finish` / :meth:`abort`, so two processes never write
-    one store. Item records (``items.jsonl``) and error records (``errors.jsonl``) are appended as batches arrive;
-    they may run ahead of the shards on disk after a crash, which :meth:`reopen` trims.
+    one store. Item and error records are committed with the shards (see the module docstring) and written out as
+    ``items.jsonl`` / ``errors.jsonl`` by :meth:`finish`.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, meta: StoreMeta, shard_mb: float, *, start_rows: int = 0,
-                 skip_rows: int = 0, kept_lengths: list[int] | None = None):
+    def __init__(self, path: Location, group: zarr.Group, meta: StoreMeta, shard_mb: float, *, start_rows: int = 0,
+                 skip_rows: int = 0, committed: list[dict] | None = None, skip_records: set[tuple] | None = None):
         self.path, self._group, self.meta, self._shard_mb = path, group, meta, shard_mb
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._torch_dtype = _TORCH_DTYPE[meta.dtype]
+        committed = committed or []
+        self._lengths: list[int] = [int(it["length"]) for it in entry_records(committed, "items")]
+        self._n_errors = sum(1 for _ in entry_records(committed, "errors"))
+        committed_rows = sum(_item_rows(meta, it) for it in entry_records(committed, "items"))
+        self._records = _Records(end_row=int(committed_rows), skip=skip_records)
         name = token_array_name(meta.layout)
         if start_rows or name in group:
             array = group[name].with_config(_WRITE_CONFIG)  # runtime setting, not stored: give it on every open
-            self._tokens = _ShardAppender(path, array, name, array.shards[0], self._pool, start_rows, skip_rows)
+            self._tokens = _ShardAppender(path, array, name, array.shards[0], self._pool, start_rows, skip_rows,
+                                          self._records)
         else:
             shape = (0, meta.tokens_per_item, meta.dim) if meta.layout == "fixed" else (0, meta.dim)
             row_bytes = int(np.prod(shape[1:])) * np.dtype(STORAGE_DTYPE[meta.dtype]).itemsize
-            self._tokens = self._appender(name, shape, STORAGE_DTYPE[meta.dtype], row_bytes)
-        # Held open for the writer's lifetime; closed by finish() or abort().
-        self._items = open(path / ITEMS_FILE, "a", encoding="utf-8")  # noqa: SIM115
-        self._errors = open(path / ERRORS_FILE, "a", encoding="utf-8")  # noqa: SIM115
-        self._n_errors = len(_read_jsonl(path / ERRORS_FILE))
-        self._lengths: list[int] = list(kept_lengths or [])
+            self._tokens = self._appender(name, shape, STORAGE_DTYPE[meta.dtype], row_bytes, self._records)
         self._started = time.perf_counter()
         self._finished = False
 
     @classmethod
     def create(
         cls,
-        path: Path | str,
+        path: Location | str | os.PathLike[str],
         *,
         modality: str,
         layout: str,
@@ -287,27 +359,30 @@ class StoreWriter:
         overwrite: bool = False,
         extraction: dict | None = None,
     ) -> StoreWriter:
-        """Create an empty store at ``path``. ``overwrite`` replaces an existing feature store (never other data).
+        """Create an empty store at ``path`` (a local path or an fsspec URL). ``overwrite`` replaces an existing
+        feature store (never other data).
 
         ``extraction`` is recorded from the start and kept in the final summary: ``expected_items`` (the manifest's
         length) lets an unfinished store say how much is missing; ``batch_size`` and ``manifest`` let a resume or
         a repair re-run exactly the original batches."""
-        path = Path(path)
+        path = Location.of(path)
         if layout not in LAYOUTS:
             raise StoreError(f"layout must be one of {LAYOUTS}, not {layout!r}")
         if dtype not in STORAGE_DTYPE:
             raise StoreError(f"dtype must be one of {sorted(STORAGE_DTYPE)}, not {dtype!r}")
         if layout == "fixed" and not tokens_per_item:
             raise StoreError("a fixed-layout store needs tokens_per_item")
-        if path.exists() and any(path.iterdir()):
+        if not path.is_empty_or_absent():
             if not overwrite:
                 raise StoreExistsError(f"{path} already exists; pass overwrite to replace it")
             if not is_feature_store(path):
                 raise StoreExistsError(f"{path} holds something that is not a feature store; not deleting it")
             lock.acquire(path)  # never delete a store another process is writing
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        lock.acquire(path)
+            for child in path.children():  # the lock last: it keeps other writers out until then
+                if child.name != lock.LOCK_FILE:
+                    child.remove_tree()
+        else:
+            lock.acquire(path)
         identity = _json_safe(identity)
         meta = StoreMeta(
             modality=modality,
@@ -321,25 +396,24 @@ class StoreWriter:
         )
         try:
             # mode "a", not "w": "w" would wipe the directory, lock file included
-            group = zarr.open_group(path, mode="a", attributes={ATTRS_KEY: meta.to_attrs()})
-            (path / ITEMS_FILE).write_text("")
-            (path / ERRORS_FILE).write_text("")
+            group = open_group(path, mode="a", attributes={ATTRS_KEY: meta.to_attrs()})
             return cls(path, group, meta, shard_mb)
         except BaseException:
             lock.release(path)
             raise
 
     @classmethod
-    def reopen(cls, path: Path | str, restart_line: int | None = None, shard_mb: float = 64) -> StoreWriter:
+    def reopen(cls, path: Location | str | os.PathLike[str], restart_line: int | None = None,
+               shard_mb: float = 64) -> StoreWriter:
         """Continue an unfinished store (same identity: check with :func:`store_status` first).
 
-        Shards whose files match their manifest entries are kept; anything after them (a shard killed mid-write,
-        a corrupt or truncated one, item and error records that ran ahead) is removed. Items from manifest line
-        ``restart_line`` on will be extracted again and appended: their rows that are already on disk are dropped
-        as they arrive (the extraction is deterministic per batch, so they are byte-identical), and the store ends
-        identical to an uninterrupted run. ``restart_line=None`` keeps every committed item.
+        Shards whose objects match their manifest entries are kept, with the records those entries commit; anything
+        after them (a shard killed mid-write, a corrupt or truncated one) is removed. Items from manifest line
+        ``restart_line`` on will be extracted again and appended: their rows and records that are already stored
+        are dropped as they arrive (the extraction is deterministic per batch, so they are byte-identical), and the
+        store ends identical to an uninterrupted run. ``restart_line=None`` appends after every committed item.
         """
-        path = Path(path)
+        path = Location.of(path)
         if read_meta(path) is None:
             raise StoreError(f"{path} is not a feature store")
         lock.acquire(path)
@@ -353,97 +427,83 @@ class StoreWriter:
             raise
 
     @classmethod
-    def _reopen_locked(cls, path: Path, meta: StoreMeta, restart_line: int | None, shard_mb: float) -> StoreWriter:
-        group = zarr.open_group(path, mode="r+")
+    def _reopen_locked(cls, path: Location, meta: StoreMeta, restart_line: int | None,
+                       shard_mb: float) -> StoreWriter:
+        group = open_group(path, mode="r+")
         name = token_array_name(meta.layout)
         array = group[name]
         shard_rows = array.shards[0]
-        rows, shards = committed_rows(path, name, array.ndim)
+        rows, shards, entries = committed_entries(path, name, array.ndim)
         if rows % shard_rows:  # a final partial shard from a finish() that did not complete: redo it
-            rows, shards = rows - rows % shard_rows, shards - 1
-        _drop_shards_from(path, name, array.ndim, shards)
+            rows, shards, entries = rows - rows % shard_rows, shards - 1, entries[:-1]
+        _drop_shards_from(path, name, shards)
         array.resize((rows, *array.shape[1:]))
-        if "offsets" in group:  # rebuilt by finish()
-            del group["offsets"]
-            shutil.rmtree(path / SHARD_MANIFEST_DIR / "offsets", ignore_errors=True)
-        items = _read_jsonl(path / ITEMS_FILE)
-        ends = np.cumsum([int(item["length"]) for item in items]) if items else np.zeros(0, dtype=np.int64)
-        committed = items[: int(np.searchsorted(ends, rows, side="right"))]
-        if restart_line is not None and any("line" not in it for it in committed):
+        _drop_outputs(path, group)
+        remove_killed_writes(path)
+        if restart_line is not None and any("line" not in r for r in entries_items(entries)):
             raise StoreError(f"{path}: its item records carry no manifest line numbers, so the resume point cannot "
                              "be found; extract it again with --overwrite")
-        kept = [it for it in committed if restart_line is None or int(it["line"]) < restart_line]
-        kept_rows = int(sum(int(it["length"]) for it in kept))
-        errors = [e for e in _read_jsonl(path / ERRORS_FILE)
-                  if restart_line is None or int(e.get("line") or 0) < restart_line]
-        atomic_write_text(path / ITEMS_FILE, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in kept))
-        atomic_write_text(path / ERRORS_FILE, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
-        remove_killed_writes(path)
-        writer = cls(path, group, meta, shard_mb, start_rows=rows, skip_rows=rows - kept_rows,
-                     kept_lengths=[int(it["length"]) for it in kept])
-        writer.resumed = {"items": len(kept), "rows": rows, "shards": shards, "rows_to_skip": rows - kept_rows}
+        # Records the re-extraction will produce again, already committed: dropped when they arrive.
+        again = set() if restart_line is None else {
+            _Records.key(kind, r) for kind in ("items", "errors") for r in entry_records(entries, kind)
+            if int(r.get("line") or 0) >= restart_line}
+        rows_before = sum(_item_rows(meta, it) for it in entries_items(entries)
+                          if restart_line is None or int(it["line"]) < restart_line)
+        writer = cls(path, group, meta, shard_mb, start_rows=rows, skip_rows=rows - rows_before,
+                     committed=entries, skip_records=again)
+        writer.resumed = {"items": len(writer._lengths), "rows": rows, "shards": shards,
+                          "rows_to_skip": rows - rows_before}
         return writer
 
     @classmethod
-    def reopen_parts(cls, path: Path | str, shard_mb: float = 64) -> StoreWriter:
+    def reopen_parts(cls, path: Location | str | os.PathLike[str], shard_mb: float = 64) -> StoreWriter:
         """Continue an unfinished *distributed* extraction (``summary.distributed``; see :mod:`stores.parts`).
 
         Its finished parts and verified final shards stay; the item and error tables and the offsets, written only
         when the parts are assembled, are cleared and will be written again.
         """
-        path = Path(path)
+        path = Location.of(path)
         lock.acquire(path)
         try:
             meta = read_meta(path)  # under the lock: another writer may have finished it meanwhile
             if meta is None or meta.complete or "distributed" not in (meta.summary or {}):
                 raise StoreError(f"{path} is not an unfinished distributed extraction")
-            group = zarr.open_group(path, mode="r+")
-            if "offsets" in group:
-                del group["offsets"]
-                shutil.rmtree(path / SHARD_MANIFEST_DIR / "offsets", ignore_errors=True)
-            atomic_write_text(path / ITEMS_FILE, "")
-            atomic_write_text(path / ERRORS_FILE, "")
+            group = open_group(path, mode="r+")
+            _drop_outputs(path, group)
             remove_killed_writes(path)
             return cls(path, group, meta, shard_mb)
         except BaseException:
             lock.release(path)
             raise
 
-    def adopt_parts(self, parts: list[Path]) -> None:
+    def adopt_parts(self, parts: list[Location]) -> None:
         """Take the item and error records of finished part stores, in order, as this store's own. Their token rows
-        must already be in this store's shards (:func:`stores.parts.write_owned_shards` on every rank); then call
-        :meth:`finish`. The staging plan is dropped from the summary, so the metadata reads as a one-process run's."""
+        must already be in this store's shards (:func:`stores.parts.write_owned_shards` on every rank, whose
+        manifest entries commit the records as a single process would); then call :meth:`finish`. The staging plan
+        is dropped from the summary, so the metadata reads as a one-process run's."""
+        from stores.parts import final_records
+
         if self.items_written:
             raise StoreError(f"{self.path}: adopt_parts on a writer that already holds items")
-        for part in parts:
-            items = _read_jsonl(part / ITEMS_FILE)
-            self._items.write("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
-            self._lengths.extend(int(it["length"]) for it in items)
-            errors = _read_jsonl(part / ERRORS_FILE)
-            self._errors.write("".join(json.dumps(e, ensure_ascii=False, default=str) + "\n" for e in errors))
-            self._n_errors += len(errors)
+        array = open_group(self.path)[self._tokens.name]  # as the ranks resized and filled it, not as first opened
+        plan, tail = final_records([Location.of(p) for p in parts], array.shards[0], array.shape[0])
+        self._lengths = [int(it["length"]) for records in plan for it in records["items"]]
+        self._n_errors = sum(len(records["errors"]) for records in plan) + len(tail)
+        for error in tail:  # no entry commits them: they end the error table
+            self._records.add("errors", error)
         self._tokens.bytes_written = sum(e["bytes"] for e in shard_entries(self.path, self._tokens.name).values())
         summary = {k: v for k, v in (self.meta.summary or {}).items() if k != "distributed"}
         self.meta = StoreMeta(**{**self.meta.__dict__, "summary": summary})
 
     @staticmethod
-    def progress(path: Path | str) -> dict:
+    def progress(path: Location | str | os.PathLike[str]) -> dict:
         """What an unfinished store holds durably: ``{"last_line": manifest line of the last committed item or 0,
         "items": committed items}``; used to decide where a resumed extraction restarts."""
-        path = Path(path)
-        meta = read_meta(path)
-        if meta is None:
-            raise StoreError(f"{path} is not a feature store")
-        name = token_array_name(meta.layout)
-        array = zarr.open_group(path, mode="r")[name]
-        rows, _ = committed_rows(path, name, array.ndim)
-        rows -= rows % array.shards[0]
-        items = _read_jsonl(path / ITEMS_FILE)
-        ends = np.cumsum([int(item["length"]) for item in items]) if items else np.zeros(0, dtype=np.int64)
-        committed = items[: int(np.searchsorted(ends, rows, side="right"))]
-        return {"last_line": int(committed[-1].get("line", 0)) if committed else 0, "items": len(committed)}
+        items = committed_items(path)
+        return {"last_line": int(items[-1].get("line", 0)) if items else 0, "items": len(items)}
 
-    def _appender(self, name: str, shape: tuple[int, ...], dtype: str, row_bytes: int) -> _ShardAppender:
+    def _appender(self, name: str, shape: tuple[int, ...], dtype: str, row_bytes: int,
+                  records: _Records | None = None) -> _ShardAppender:
         chunk_rows = CHUNK_ROWS["ragged" if name == "offsets" else self.meta.layout]
         shard_rows = shard_rows_for(row_bytes, self._shard_mb, chunk_rows)
         array = self._group.create_array(
@@ -458,7 +518,7 @@ class StoreWriter:
             # silently, so "absent" has to mean "never written" for verify and resume to be sound.
             config=_WRITE_CONFIG,
         )
-        return _ShardAppender(self.path, array, name, shard_rows, self._pool)
+        return _ShardAppender(self.path, array, name, shard_rows, self._pool, records=records)
 
     def add_batch(self, metas: list[dict], tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         """Append one batch. ``tokens``: fixed [B,L,D]; ragged [B,Lmax,D] padded (first ``lengths[b]`` rows kept);
@@ -477,19 +537,22 @@ class StoreWriter:
             lens = [int(n) for n in lengths.tolist()]
             if min(lens, default=1) < 1 or max(lens, default=0) > data.shape[1]:
                 raise StoreError(f"{self.path}: item lengths {lens} do not fit tokens of shape {tuple(tokens.shape)}")
-            self._tokens.append(np.concatenate([data[b, :n] for b, n in enumerate(lens)]))
+            rows = np.concatenate([data[b, :n] for b, n in enumerate(lens)])
         else:
             if layout == "fixed" and data.shape[1] != self.meta.tokens_per_item:
                 raise StoreError(
                     f"{self.path}: {data.shape[1]} tokens per item but the store holds {self.meta.tokens_per_item}"
                 )
             lens = [self.meta.tokens_per_item or 1] * len(metas)
-            self._tokens.append(data)
-        for meta, n in zip(metas, lens, strict=True):
+            rows = data
+        rows_per_item = lens if layout == "ragged" else [1] * len(metas)
+        # Records first: the shard that completes an item's rows then always finds its record waiting.
+        for meta, n, item_rows in zip(metas, lens, rows_per_item, strict=True):
             record = {k: meta[k] for k in ("id", "label", "ref", "source_id", "line") if meta.get(k) is not None}
             record["length"] = n
-            self._items.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._lengths.extend(lens)
+            if self._records.add("items", record, item_rows):
+                self._lengths.append(n)
+        self._tokens.append(rows)
 
     @property
     def items_written(self) -> int:
@@ -499,9 +562,8 @@ class StoreWriter:
     def add_errors(self, errors: list[dict]) -> None:
         """Record items left out (id, path or text, line, reason); they are listed by ``stores errors``."""
         for error in errors:
-            self._errors.write(json.dumps(error, ensure_ascii=False, default=str) + "\n")
-        self._errors.flush()  # survives a killed process; reopen() trims what must be redone
-        self._n_errors += len(errors)
+            if self._records.add("errors", _json_safe(error)):
+                self._n_errors += 1
 
     def _to_storage(self, tokens: torch.Tensor) -> np.ndarray:
         cpu = tokens.detach().to("cpu", dtype=self._torch_dtype)
@@ -509,16 +571,21 @@ class StoreWriter:
             cpu = cpu.view(torch.uint16)
         return cpu.contiguous().numpy()
 
+    def _all_records(self, kind: str, tail: list[dict]) -> Iterable[dict]:
+        """Every record of ``kind`` in order: those the manifest entries commit, then ``tail``."""
+        entries = shard_entries(self.path, self._tokens.name)  # written by this writer and its predecessors
+        yield from entry_records([entries[i] for i in sorted(entries)], kind)
+        yield from tail
+
     def finish(self, extra: dict | None = None) -> dict:
         """Write the last shards, offsets and item table, then mark the store complete. Returns the summary."""
         if self._finished:
             raise StoreError(f"{self.path}: finish called twice")
         try:
             self._tokens.close()
-            for handle in (self._items, self._errors):
-                handle.flush()
-                os.fsync(handle.fileno())
-                handle.close()
+            tail = self._records.take_all()  # error records after the last item
+            if tail["items"]:
+                raise StoreError(f"{self.path}: {len(tail['items'])} item records have no stored rows")
             total_bytes = self._tokens.bytes_written
             if self.meta.layout == "ragged":
                 offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
@@ -529,6 +596,16 @@ class StoreWriter:
                 total_bytes += appender.bytes_written
         finally:
             self._pool.shutdown(wait=True)
+        n_items = 0
+        with (self.path / ITEMS_FILE).atomic_writer() as handle:
+            for line in _jsonl(self._all_records("items", [])):
+                handle.write(line)
+                n_items += 1
+        with (self.path / ERRORS_FILE).atomic_writer() as handle:
+            handle.writelines(_jsonl(self._all_records("errors", tail["errors"])))
+        if n_items != len(self._lengths):
+            raise StoreError(f"{self.path}: the manifest entries commit {n_items} items, the writer stored "
+                             f"{len(self._lengths)}; the store stays incomplete")
         total_tokens = int(sum(self._lengths))
         summary = _json_safe({
             "items": len(self._lengths),
@@ -544,7 +621,7 @@ class StoreWriter:
                "summary": summary}
         )
         self._group.attrs.update({ATTRS_KEY: self.meta.to_attrs()})
-        fsync_path(self.path / "zarr.json")
+        (self.path / "zarr.json").make_durable()
         self._finished = True
         lock.release(self.path)
         return summary
@@ -559,8 +636,44 @@ class StoreWriter:
     def abort(self) -> None:
         """Stop without marking the store complete (what was written stays for inspection)."""
         if not self._finished:
-            self._items.close()
-            self._errors.close()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._finished = True
             lock.release(self.path)
+
+
+def _item_rows(meta: StoreMeta, item: dict) -> int:
+    """Rows an item takes along axis 0 of the token array: its tokens in a ragged store, else one."""
+    return int(item["length"]) if meta.layout == "ragged" else 1
+
+
+def entries_items(entries: list[dict]) -> list[dict]:
+    return list(entry_records(entries, "items"))
+
+
+def _drop_outputs(path: Location, group: zarr.Group) -> None:
+    """Remove what only :meth:`StoreWriter.finish` writes (offsets, item and error tables): it is written again."""
+    if "offsets" in group:
+        del group["offsets"]
+        (path / SHARD_MANIFEST_DIR / "offsets").remove_tree()
+    (path / ITEMS_FILE).remove()
+    (path / ERRORS_FILE).remove()
+
+
+def committed_items(path: Location | str | os.PathLike[str], kind: str = "items") -> list[dict]:
+    """The item (or error) records a store holds durably: ``items.jsonl`` once complete, otherwise the records of
+    the shards that match their manifest entries (never records that ran ahead of a shard that was not written)."""
+    path = Location.of(path)
+    meta = read_meta(path)
+    if meta is None:
+        raise StoreError(f"{path} is not a feature store")
+    if meta.complete:
+        return read_jsonl(path / (ITEMS_FILE if kind == "items" else ERRORS_FILE))
+    name = token_array_name(meta.layout)
+    group = open_group(path)
+    if name not in group:
+        return []
+    array = group[name]
+    rows, _, entries = committed_entries(path, name, array.ndim)
+    if rows % array.shards[0]:  # a final partial shard of an unfinished finish(): redone on resume
+        entries = entries[:-1]
+    return list(entry_records(entries, kind))
