@@ -12,6 +12,28 @@ import click
 DTYPES = ["fp16", "fp32", "bf16"]
 
 
+class StoreParam(click.ParamType):
+    """A feature store: a local directory (which must exist unless ``new``) or an fsspec URL (``s3://b/x``, ...)."""
+
+    name = "store"
+
+    def __init__(self, new: bool = False):
+        self.new = new
+
+    def convert(self, value, param, ctx):
+        from stores.location import is_url
+
+        if isinstance(value, Path) or not is_url(str(value)):
+            path = Path(str(value).removeprefix("file://"))
+            if not self.new and not path.is_dir():
+                self.fail(f"directory '{value}' does not exist", param, ctx)
+            return path
+        return str(value)
+
+
+STORE = StoreParam()
+
+
 # The project's own error classes, by defining module. An error of a class can only exist once its module is loaded,
 # so they are looked up among the modules the command already imported: each command pays only for its own imports.
 KNOWN_ERRORS = (
@@ -408,8 +430,8 @@ def _train_config(warmup_epochs: int = 0, no_tensorboard: bool = False, **kwargs
 
 
 @main.command("fit-up")
-@click.option("--image-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--text-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--image-store", type=STORE, required=True)
+@click.option("--text-store", type=STORE, required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="run directory")
 @click.option("--head", type=click.Choice(["up", "dfe", "freeze-align", "linear"]), default="up", show_default=True,
               help="up: OneEncoder's UP; dfe: LightCRL; freeze-align: its projector; linear: LiT-style baseline")
@@ -443,10 +465,10 @@ MODALITIES = ["image", "text", "audio", "video"]
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               required=True, help="the run to extend (--run-dir under torchrun, whose parser takes --run for its own)")
 @click.option("--modality", required=True, help="the new modality, e.g. audio or video")
-@click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--store", type=STORE, required=True,
               help="feature store of the new modality")
 @click.option("--pivot", required=True, help="an already aligned modality paired with the new one, e.g. text")
-@click.option("--pivot-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--pivot-store", type=STORE, required=True)
 @click.option("--al", type=click.Choice(["linear", "mlp", "projector"]), default=None,
               help="linear: one Linear(D, width) (the paper's 65,792 params at D=256; the UP's default); mlp: two "
                    "layers; projector: freeze-align's own (its default)")
@@ -464,16 +486,14 @@ def fit_al(run_dir, modality, store, pivot, pivot_store, al, resume, **train_kwa
             click.echo(f"{modality} aligned in {summary['run']} (trained: {', '.join(summary['trainable_parameters'])})")
 
 
-_STORE = click.Path(exists=True, file_okay=False, path_type=Path)
-
-
 @main.command("fit-vqa")
-@click.option("--run", "run_dir", type=_STORE, required=True, help="a trained run (its UP embeds both sides)")
-@click.option("--image-store", type=_STORE, required=True, help="training images")
-@click.option("--question-store", type=_STORE, required=True,
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="a trained run (its UP embeds both sides)")
+@click.option("--image-store", type=STORE, required=True, help="training images")
+@click.option("--question-store", type=STORE, required=True,
               help="training questions (text store; ref = image id, label = answer)")
-@click.option("--test-image-store", type=_STORE, default=None)
-@click.option("--test-question-store", type=_STORE, default=None)
+@click.option("--test-image-store", type=STORE, default=None)
+@click.option("--test-question-store", type=STORE, default=None)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="output folder (default: RUN/vqa)")
 @click.option("--epochs", default=100, show_default=True)
@@ -563,7 +583,7 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
 
 # ---- encoder selection and data curation -------------------------------------------------------------------------
 @main.command()
-@click.option("--store", "store_paths", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
+@click.option("--store", "store_paths", type=STORE, multiple=True,
               required=True, help="a candidate encoder's store; repeat for every candidate of both modalities")
 @click.option("--pairs", "pairs_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help='JSONL of {"a": id, "b": id}: a = an id of the image (first) modality, b of the other; '
@@ -627,10 +647,10 @@ def _print_retrieval(report: dict) -> None:
 
 @evaluate.command("retrieval")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--image-store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--text-store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--audio-store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--video-store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--image-store", type=STORE)
+@click.option("--text-store", type=STORE)
+@click.option("--audio-store", type=STORE)
+@click.option("--video-store", type=STORE)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
 @friendly_errors
@@ -648,8 +668,8 @@ def eval_retrieval(run_dir, image_store, text_store, audio_store, video_store, d
 
 @evaluate.command("sheet")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--image-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--text-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--image-store", type=STORE, required=True)
+@click.option("--text-store", type=STORE, required=True)
 @click.option("--queries", default=8, show_default=True, help="queries drawn per direction")
 @click.option("--k", default=5, show_default=True, help="results shown per query")
 @click.option("--seed", default=0, show_default=True, help="which queries are drawn")
@@ -679,12 +699,12 @@ def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, th
 
 @evaluate.command("zero-shot")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--image-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--image-store", type=STORE, required=True)
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="one class name per line; item labels are class names or indices")
 @click.option("--template", default="a photo of a {}.", show_default=True)
 @click.option("--text-encoder", default=None, help="the encoder the text store was extracted with (text prompts)")
-@click.option("--prompt-store", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--prompt-store", type=STORE, default=None,
               help="instead of text: a labelled store of another aligned modality whose items are the prompts, "
                    "e.g. spoken class names (the paper's Table VI)")
 @click.option("--device", default="cpu", show_default=True)
@@ -703,9 +723,9 @@ def eval_zero_shot(run_dir, image_store, classes, template, text_encoder, prompt
 @evaluate.command("linear-probe")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="the run whose aligned embeddings are probed; reports go to RUN/eval")
-@click.option("--train-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--train-store", type=STORE, required=True,
               help="labelled store the classifier is trained on")
-@click.option("--test-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--test-store", type=STORE, required=True)
 @click.option("--features", type=click.Choice(["aligned", "raw"]), default="aligned", show_default=True,
               help="aligned: the run's L2-normalised embeddings; raw: the stores' pooled features (a baseline)")
 @click.option("--epochs", default=100, show_default=True)
@@ -741,9 +761,9 @@ def _print_classification(report: dict) -> None:
 @evaluate.command("fine-tune")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="the run whose head is fine-tuned (its own files are never written); reports go to RUN/eval")
-@click.option("--train-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--train-store", type=STORE, required=True,
               help="labelled store the head and classifier are trained on")
-@click.option("--test-store", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--test-store", type=STORE, required=True)
 @click.option("--epochs", default=100, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate of the head and the classifier")
 @click.option("--batch-size", default=256, show_default=True)
@@ -814,7 +834,7 @@ def stores() -> None:
 
 
 @stores.command("ls")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("root", type=STORE)
 def stores_ls(root) -> None:
     """Every feature store at or below ROOT, one line each."""
     from stores.catalog import describe, find_stores
@@ -830,7 +850,7 @@ def stores_ls(root) -> None:
 
 
 @stores.command("info")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True)
 def stores_info(store, as_json) -> None:
     """What a store holds and how it was made (encoder, weights hash, preprocessing, manifest hash)."""
@@ -844,7 +864,7 @@ def stores_info(store, as_json) -> None:
 
 
 @stores.command("verify")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--repair", is_flag=True, help="re-extract exactly the bad shards from the source media")
 @friendly_errors
 def stores_verify(store, repair) -> None:
@@ -866,7 +886,7 @@ def stores_verify(store, repair) -> None:
 
 
 @stores.command("errors")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=STORE)
 @friendly_errors
 def stores_errors(store) -> None:
     """Items the extraction left out, with the reason."""
@@ -879,7 +899,7 @@ def stores_errors(store) -> None:
 
 
 @stores.command("export")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--format", "fmt", type=click.Choice(["hdf5", "npy"]), default="hdf5", show_default=True,
               help="one HDF5 file, or a folder of .npy files + meta.json")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
@@ -894,7 +914,7 @@ def stores_export(store, fmt, out, overwrite) -> None:
 
 @stores.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--store", type=click.Path(file_okay=False, path_type=Path), required=True, help="store to write")
+@click.option("--store", type=StoreParam(new=True), required=True, help="store to write")
 @click.option("--modality", default=None, help="required unless the file records one")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="stored dtype (default: the file's recorded one, else fp16 for float16 features, else fp32)")

@@ -413,11 +413,12 @@ def store_cka(
     when the pooled features fit in ``memory_gb`` (default: the store RAM budget). With ``out``, writes
     ``cka.json`` and the heatmap ``cka.png`` there.
     """
+    from stores.location import is_url
     from stores.reader import DEFAULT_RAM_BUDGET_GB
 
     if estimator not in ESTIMATORS:
         raise CKAError(f"estimator must be one of {ESTIMATORS}, not {estimator!r}")
-    resolved = [Path(p).resolve() for p in store_paths]
+    resolved = [str(p) if is_url(p) else Path(p).resolve() for p in store_paths]
     repeated = sorted({str(p) for p in resolved if resolved.count(p) > 1})
     if repeated:
         raise CKAError(f"store given twice: {', '.join(repeated)}")
