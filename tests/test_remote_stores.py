@@ -171,7 +171,7 @@ def test_a_killed_remote_writer_resumes_to_the_bytes_of_a_local_run(s3, tmp_path
     words = ["red", "green", "blue", "circle", "square", "left", "right", "top", "small", "large", "a", "photo"]
     manifest = tmp_path / "captions.jsonl"
     with open(manifest, "w") as handle:
-        for i in range(400):
+        for i in range(1200):  # many small shards: the kill lands mid-store on a fast machine too
             text = " ".join(words[(i * 7 + k * 5) % len(words)] for k in range(2 + i % 9))
             handle.write(json.dumps({"id": f"c{i}", "text": text if i % 97 else "   ", "ref": f"i{i // 2}"}) + "\n")
 
@@ -190,7 +190,7 @@ def test_a_killed_remote_writer_resumes_to_the_bytes_of_a_local_run(s3, tmp_path
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         fs.invalidate_cache()
-        if fs.exists(entries) and len(fs.ls(entries)) >= 5:
+        if fs.exists(entries) and len(fs.ls(entries)) >= 3:
             os.kill(process.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
