@@ -270,19 +270,24 @@ class RemoteLocation(Location):
         return RemoteLocation(f"{self.url}/{name}", self.fs, f"{self.key}/{name}")
 
     def exists(self) -> bool:
-        return bool(self.fs.exists(self.key))
+        with _backend(self.url):
+            return bool(self.fs.exists(self.key))
 
     def is_file(self) -> bool:
-        return bool(self.fs.isfile(self.key))
+        with _backend(self.url):
+            return bool(self.fs.isfile(self.key))
 
     def is_empty_or_absent(self) -> bool:
-        return not self.fs.exists(self.key) or (self.fs.isdir(self.key) and not self.fs.find(self.key, maxdepth=None))
+        with _backend(self.url):
+            return not self.fs.exists(self.key) or (self.fs.isdir(self.key) and not self.fs.find(self.key, maxdepth=None))
 
     def read_bytes(self) -> bytes:
-        return self.fs.cat_file(self.key)
+        with _backend(self.url):
+            return self.fs.cat_file(self.key)
 
     def open_read(self) -> IO[bytes]:
-        return self.fs.open(self.key, "rb")
+        with _backend(self.url):
+            return self.fs.open(self.key, "rb")
 
     @contextlib.contextmanager
     def atomic_writer(self) -> Iterator[IO[str]]:
@@ -291,33 +296,36 @@ class RemoteLocation(Location):
             yield handle
 
     def write_bytes(self, data: bytes) -> None:
-        self.fs.pipe_file(self.key, data)
+        with _backend(self.url):
+            self.fs.pipe_file(self.key, data)
 
     def create_exclusive(self, data: bytes) -> bool:
-        try:
-            with self.fs.open(self.key, "xb") as handle:  # conditional PUT where the backend has one
-                handle.write(data)
-        except FileExistsError:
-            return False
-        except (ValueError, NotImplementedError):  # backend without exclusive create: best effort, said in docs
-            if self.fs.exists(self.key):
+        with _backend(self.url):
+            try:
+                with self.fs.open(self.key, "xb") as handle:  # conditional PUT where the backend has one
+                    handle.write(data)
+            except FileExistsError:
                 return False
-            self.fs.pipe_file(self.key, data)
-        return True
+            except (ValueError, NotImplementedError):  # backend without exclusive create: best effort, said in docs
+                if self.fs.exists(self.key):
+                    return False
+                self.fs.pipe_file(self.key, data)
+            return True
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with _backend(self.url), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.key)
 
     def remove_tree(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with _backend(self.url), contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.key, recursive=True)
 
     def _entries(self) -> list[dict]:
-        try:
-            return sorted(self.fs.ls(self.key, detail=True, refresh=True), key=lambda e: e["name"])
-        except FileNotFoundError:
-            return []
+        with _backend(self.url):
+            try:
+                return sorted(self.fs.ls(self.key, detail=True, refresh=True), key=lambda e: e["name"])
+            except FileNotFoundError:
+                return []
 
     def _child(self, entry: dict) -> RemoteLocation:
         return self / entry["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -329,15 +337,17 @@ class RemoteLocation(Location):
         return [self._child(e) for e in self._entries() if e.get("type") == "directory"]
 
     def files(self) -> Iterator[tuple[Location, int]]:
-        try:
-            found = self.fs.find(self.key, detail=True)
-        except FileNotFoundError:
-            return
-        for name, info in sorted(found.items()):
-            yield RemoteLocation(f"{self.url}/{name[len(self.key) + 1:]}", self.fs, name), int(info.get("size") or 0)
+        with _backend(self.url):
+            try:
+                found = self.fs.find(self.key, detail=True)
+            except FileNotFoundError:
+                return
+            for name, info in sorted(found.items()):
+                yield RemoteLocation(f"{self.url}/{name[len(self.key) + 1:]}", self.fs, name), int(info.get("size") or 0)
 
     def size(self) -> int:
-        return int(self.fs.size(self.key))
+        with _backend(self.url):
+            return int(self.fs.size(self.key))
 
     def make_durable(self) -> None:
         pass  # an acknowledged PUT is durable
@@ -349,6 +359,20 @@ class RemoteLocation(Location):
 
     def tensorstore_kvstore(self) -> dict | None:
         return None
+
+
+@contextlib.contextmanager
+def _backend(url: str) -> Iterator[None]:
+    """Errors of a remote backend (no credentials, access denied, unreachable endpoint) as one StoreError naming the
+    URL; "not found" and "exists" pass through, the stores rely on them."""
+    from stores.errors import StoreError
+
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StoreError):
+        raise
+    except Exception as error:  # noqa: BLE001 - each backend has its own exception tree
+        raise StoreError(f"{url}: the storage backend failed: {type(error).__name__}: {error}") from error
 
 
 def _fsync(path: Path) -> None:

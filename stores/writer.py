@@ -377,12 +377,12 @@ class StoreWriter:
                 raise StoreExistsError(f"{path} already exists; pass overwrite to replace it")
             if not is_feature_store(path):
                 raise StoreExistsError(f"{path} holds something that is not a feature store; not deleting it")
-            lock.acquire(path)  # never delete a store another process is writing
+            _take_lock(path)  # never delete a store another process is writing
             for child in path.children():  # the lock last: it keeps other writers out until then
                 if child.name != lock.LOCK_FILE:
                     child.remove_tree()
         else:
-            lock.acquire(path)
+            _take_lock(path)
         identity = _json_safe(identity)
         meta = StoreMeta(
             modality=modality,
@@ -639,6 +639,14 @@ class StoreWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._finished = True
             lock.release(self.path)
+
+
+def _take_lock(path: Location) -> None:
+    """The writer lock of a store about to be created; a place that cannot be written is one clear error."""
+    try:
+        lock.acquire(path)
+    except (FileNotFoundError, PermissionError, NotADirectoryError) as error:
+        raise StoreError(f"cannot create a store at {path}: {error}") from None
 
 
 def _item_rows(meta: StoreMeta, item: dict) -> int:

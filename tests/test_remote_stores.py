@@ -141,6 +141,12 @@ def test_verify_names_an_altered_object_and_a_reader_refuses_an_unfinished_remot
     assert verify.returncode != 0
     assert "tokens shard 1" in verify.stdout and "sha256" in verify.stdout
 
+    # A bucket that does not exist is one clear line naming the store
+    missing = _cli(s3, "extract", "--modality", "text", "--encoder", tiny_text_model, "--manifest",
+                   str(text_manifest), "--store", "s3://no-such-bucket/x", check=False)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "s3://no-such-bucket/x" in missing.stderr and "does not exist" in missing.stderr
+
     # An unfinished store (its metadata says so) is refused by fit with the resume advice, naming the URL.
     meta_key = f"{BUCKET}/two/text/zarr.json"
     meta = json.loads(fs.cat_file(meta_key))
