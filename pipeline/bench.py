@@ -289,12 +289,13 @@ class Bench:
         return self.once("text_encoder", lambda: save_text_encoder(self.root / "models" / "minilm-sized"))
 
 
-def _bench_head(input_dims: dict[str, int], device: str):
-    """The P1/P3 head, loss and optimiser (fit-up's AdamW settings), freshly seeded."""
+def _bench_head(input_dims: dict[str, int], device: str, **changes: Any):
+    """The P1/P3 head, loss and optimiser (fit-up's AdamW settings), freshly seeded; ``changes`` override UPConfig
+    fields (P3's dropout-0 diagnostic)."""
     from project import ContrastiveLoss, OneEncoder, UPConfig
 
     torch.manual_seed(0)
-    model = OneEncoder(UPConfig(input_dims=input_dims, **BENCH_UP)).to(device).train()
+    model = OneEncoder(UPConfig(input_dims=input_dims, **{**BENCH_UP, **changes})).to(device).train()
     loss = ContrastiveLoss(kind="infonce").to(device)
     optimizer = torch.optim.AdamW([*model.parameters(), *loss.parameters()], lr=1e-3, betas=(0.9, 0.95),
                                   weight_decay=1e-3)
@@ -516,11 +517,20 @@ def measure_p3_cached_vs_uncached(bench: Bench) -> Metric:
     head_flops = counter.get_total_flops()
     limit = (encoder_flops + head_flops) / head_flops
 
+    # A diagnostic beside the two timed variants, not part of P3: the same head with dropout 0 says how much of the
+    # cached step the dropout masks take (docs/benchmarks.md, finding 5: on a non-Intel CPU torch draws them
+    # serially, one double per element). "cached" runs next to "uncached" in every round (A B C, C B A).
+    no_dropout = _bench_head({"image": images.dim, "text": texts.dim}, device, dropout=0.0)
     steppers = {"uncached": _stepper(head, batches, encode_raw, device),
-                "cached": _stepper(head, batches, _fetch_from(images, texts), device)}
+                "cached": _stepper(head, batches, _fetch_from(images, texts), device),
+                "cached, dropout 0": _stepper(no_dropout, batches, _fetch_from(images, texts), device)}
     times = interleaved(steppers, s.reps * len(batches), device)
     speedup = ratios(times["uncached"], times["cached"], len(batches))
     fraction = speedup["median"] / limit
+    unc, cached, cached0 = (np.asarray(times[k]) for k in ("uncached", "cached", "cached, dropout 0"))
+    dropout_share = float(np.median(1 - cached0 / cached))
+    # The share P3 would reach if the masks were free: the encoders' time of each round over the dropout-0 step.
+    without_dropout = float(np.median((unc - cached + cached0) / cached0)) / limit
     # Achieved FLOP rates explain a miss: the limit assumes the head trains at the encoders' FLOP/s.
     encoders_s = float(np.median(np.asarray(times["uncached"]) - np.asarray(times["cached"])))
     rates = {"encoders_gflops": encoder_flops / 1e9 / encoders_s, "head_gflops": head_flops / 1e9 /
@@ -528,12 +538,15 @@ def measure_p3_cached_vs_uncached(bench: Bench) -> Metric:
     notes = (f"speedup {speedup['median']:.2f}x of FLOP limit {limit:.2f}x (encoders {encoder_flops / 1e9:.0f} + "
              f"head {head_flops / 1e9:.1f} GFLOP per step, head fwd+bwd); achieved {rates['encoders_gflops']:.0f} "
              f"GFLOP/s in the encoders vs {rates['head_gflops']:.0f} in the head; best-of "
-             f"{100 * speedup['best'] / limit:.0f} %; {s.reps} epochs x {len(batches)} steps of batch {s.p2_batch}, "
-             f"ViT-S-sized {s.vit_layers} layers + MiniLM-sized text encoder, {device}")
+             f"{100 * speedup['best'] / limit:.0f} %; dropout masks take {100 * dropout_share:.0f} % of the cached step "
+             f"(vs the same head with dropout 0; without them {100 * without_dropout:.0f} %); {s.reps} epochs x "
+             f"{len(batches)} steps of batch {s.p2_batch}, ViT-S-sized {s.vit_layers} layers + MiniLM-sized text "
+             f"encoder, {device}")
     return Metric("P3", "cached vs uncached, share of FLOP limit", 100 * fraction, "%", ">= 80 %",
                   _check(fraction, ">=", 0.8), notes,
                   {"speedup": speedup, "flop_limit": limit, "encoder_flops": encoder_flops, "head_flops": head_flops,
-                   "achieved": rates, "seconds": times, "best_epoch_s": _best_epochs(times, len(batches)),
+                   "achieved": rates, "dropout_share": dropout_share, "share_without_dropout": without_dropout,
+                   "seconds": times, "best_epoch_s": _best_epochs(times, len(batches)),
                    "steps": len(batches), "batch": s.p2_batch})
 
 
@@ -696,8 +709,19 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def cpu_vendor() -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ...: torch draws dropout masks with MKL (in parallel) on Intel CPUs only."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("vendor_id")),
+                platform.processor())
+
+
 def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_vendor": cpu_vendor(),
+            "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
