@@ -358,7 +358,26 @@ class RemoteLocation(Location):
         return FsspecStore.from_url(self.url, read_only=read_only)
 
     def tensorstore_kvstore(self) -> dict | None:
-        return None
+        """TensorStore's own S3 / GCS driver for this folder, configured as fsspec's backend is (endpoint, region,
+        environment credentials); None for other backends. If TensorStore cannot open it, reads use zarr-python."""
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        bucket, _, path = self.key.partition("/")
+        if protocols & {"gs", "gcs"}:
+            return {"driver": "gcs", "bucket": bucket, "path": f"{path}/"}
+        if "s3" not in protocols:
+            return None
+        spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": f"{path}/"}
+        endpoint = (getattr(self.fs, "endpoint_url", None) or self.fs.client_kwargs.get("endpoint_url")
+                    or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+        if endpoint:
+            spec["endpoint"] = endpoint
+        region = self.fs.client_kwargs.get("region_name") or os.environ.get("AWS_REGION") \
+            or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            spec["aws_region"] = region
+        if os.environ.get("AWS_ACCESS_KEY_ID"):  # else profiles, instance roles, ...: the SDK's default chain
+            spec["aws_credentials"] = {"type": "environment"}
+        return spec
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """Reading feature stores: a batch of item indices -> padded token tensor + mask.
 
 Small stores (under ``ram_budget_gb``) are loaded whole into RAM once, so a training step gathers from a tensor.
-Larger ones are read from disk with TensorStore (sorted, de-duplicated, every range requested at once), then put
-back in batch order. zarr-python opens the metadata and is the cross-check reader (``fast_reads=False``).
+Larger ones are read with TensorStore (local files, S3, GCS; sorted, de-duplicated, every range requested at once),
+then put back in batch order. zarr-python opens the metadata, reads what TensorStore cannot reach (other fsspec
+backends) and is the cross-check reader (``fast_reads=False``).
 """
 
 from __future__ import annotations
@@ -85,8 +86,15 @@ class FeatureStore:
         self._array = group[name]
         # zarr-python stays the reader of record for metadata, the fallback ``fast_reads=False`` (a cross-check) and
         # the reader of remote stores (their whole arrays are fetched shard by shard, concurrently, into RAM)
-        kvstore = (path / name).tensorstore_kvstore()
-        self._fast = _TensorStoreRows(path / name, kvstore) if fast_reads and kvstore else None
+        kvstore = (path / name).tensorstore_kvstore() if fast_reads else None
+        self._fast = None
+        if kvstore:
+            try:
+                self._fast = _TensorStoreRows(path / name, kvstore)
+            except StoreError:
+                if not path.remote:
+                    raise  # a local array TensorStore cannot open is broken; zarr-python would not do better
+                # remote: credentials or endpoint set up in a way only fsspec knows; zarr-python reads through it
         self._offsets = np.zeros(len(items) + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=self._offsets[1:])
         if meta.layout == "ragged" and "offsets" in group:
@@ -164,6 +172,11 @@ class FeatureStore:
     @property
     def in_memory(self) -> bool:
         return self._memory is not None
+
+    @property
+    def reads(self) -> str:
+        """Where batches come from: ``"memory"``, ``"tensorstore"`` or ``"zarr-python"``."""
+        return "memory" if self.in_memory else "tensorstore" if self._fast is not None else "zarr-python"
 
     def __len__(self) -> int:
         return len(self.ids)
