@@ -260,3 +260,27 @@ def test_any_fsspec_url_holds_a_store_bit_exactly():
     assert store.ids == [f"i{k}" for k in range(10)]
     tokens, _ = store.get_batch(list(range(10)), dtype=torch.bfloat16)
     assert torch.equal(tokens, rows.to(torch.bfloat16)) and verify(url) == []
+
+
+def test_torchrun_extraction_into_s3_equals_one_local_process(s3, tmp_path, tiny_text_model):
+    """Two gloo ranks write one remote store through the bucket (parts staged under STORE/_parts, final shards
+    owned by rank): the same objects as one local process writes."""
+    manifest = tmp_path / "text.jsonl"
+    words = ["a", "red", "square", "over", "the", "small", "green", "triangle"]
+    manifest.write_text("".join(json.dumps({"id": f"t{i}", "text": " ".join(words[: 1 + (i * 5) % len(words)])})
+                                + "\n" for i in range(13)))
+    args = ["cli.py", "extract", "--modality", "text", "--encoder", tiny_text_model, "--manifest", str(manifest),
+            "--batch-size", "2", "--shard-mb", "0.0001"]
+    env = {**s3["env"], "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # same numerics in every process
+    local = tmp_path / "local"
+    one = subprocess.run([sys.executable, *args, "--store", str(local)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    url = f"s3://{BUCKET}/six/text"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *args,
+                          "--store", url], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "with 2 processes" in two.stdout + two.stderr
+    objects = _remote_objects(s3, url)
+    assert not any(name.startswith("_parts/") for name in objects)
+    assert objects == _local_objects(local)
