@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "features"
@@ -122,7 +123,12 @@ def test_extract_to_s3_is_byte_identical_to_local_and_trains_and_evaluates(s3, t
 
     exported = tmp_path / "image.h5"
     _cli(s3, "stores", "export", remote["image"], "--out", str(exported))
-    assert exported.stat().st_size > 0
+    imported = f"s3://{BUCKET}/one/imported"
+    assert "5 items imported" in _cli(s3, "stores", "import", str(exported), "--store", imported).stdout
+    from stores import FeatureStore
+
+    back, original = FeatureStore.open(imported), FeatureStore.open(local["image"])
+    assert back.ids == original.ids and torch.equal(back.get_batch(range(5))[0], original.get_batch(range(5))[0])
 
 
 def test_verify_names_an_altered_object_and_a_reader_refuses_an_unfinished_remote_store(s3, tmp_path,
@@ -176,7 +182,6 @@ def test_a_second_writer_is_refused_by_the_conditional_put(s3):
 def test_large_remote_stores_are_read_by_tensorstore_like_zarr_python(s3):
     """The disk-mode path for a store bigger than RAM: TensorStore's own S3 driver, configured from the same
     environment as fsspec, gives exactly zarr-python's rows (ragged: every item's tokens, padded, in batch order)."""
-    import torch
 
     from stores import FeatureStore, StoreWriter
 
@@ -239,7 +244,6 @@ def test_a_killed_remote_writer_resumes_to_the_bytes_of_a_local_run(s3, tmp_path
 
 def test_any_fsspec_url_holds_a_store_bit_exactly():
     """A backend other than S3 (fsspec's in-memory file system): write, resume after an abort, read, verify."""
-    import torch
 
     from stores import FeatureStore, StoreWriter
     from stores.integrity import verify
