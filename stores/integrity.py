@@ -60,15 +60,16 @@ def committed_rows(store: Location | str | os.PathLike[str], array: str, ndim: i
     return rows, shards
 
 
-def committed_entries(store: Location | str | os.PathLike[str], array: str, ndim: int
+def committed_entries(store: Location | str | os.PathLike[str], array: str, ndim: int, full_hash: bool = True
                       ) -> tuple[int, int, list[dict]]:
-    """``(rows, shards, entries)`` of the longest run of shards from 0 whose objects match their entries."""
+    """``(rows, shards, entries)`` of the longest run of shards from 0 whose objects match their entries
+    (``full_hash=False``: whose sizes match, for a quick description; a resume re-hashes every shard)."""
     store = Location.of(store)
     entries = shard_entries(store, array)
     rows = shards = 0
     kept = []
     while shards in entries and entries[shards]["rows"][0] == rows:
-        if check_shard(store, array, entries[shards], ndim) is not None:
+        if check_shard(store, array, entries[shards], ndim, full_hash) is not None:
             break
         kept.append(entries[shards])
         rows = entries[shards]["rows"][1]
