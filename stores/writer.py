@@ -176,16 +176,23 @@ class _Records:
                 return {"items": [], "errors": []}
             items, self._items = [r for r, _ in self._items[:n]], self._items[n:]
             last = items[-1].get("line")
-            before = [last is None or int(e.get("line") or 0) < int(last) for e in self._errors]
+            before = [last is None or _line(e) < int(last) for e in self._errors]
             errors = [e for e, b in zip(self._errors, before, strict=True) if b]
             self._errors = [e for e, b in zip(self._errors, before, strict=True) if not b]
-        return {"items": items, "errors": errors}
+        return {"items": items, "errors": sorted(errors, key=_line)}
 
     def take_all(self) -> dict[str, list[dict]]:
         with self._lock:
             items, errors = [r for r, _ in self._items], self._errors
             self._items, self._errors = [], []
-        return {"items": items, "errors": errors}
+        return {"items": items, "errors": sorted(errors, key=_line)}
+
+
+def _line(record: dict) -> int:
+    """A record's manifest line (0 if it has none). Error records are committed in line order, not arrival order:
+    a batch reports its failures in the order its stages found them, and a distributed extraction must commit
+    them exactly as one process does."""
+    return int(record.get("line") or 0)
 
 
 def commit_plan(items: list[dict], errors: list[dict], rows_per_item: list[int],
