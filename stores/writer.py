@@ -105,10 +105,10 @@ def sha256_file(path: Path) -> str:
     return LocalLocation(path).sha256()
 
 
-def read_jsonl(path: Location) -> list[dict]:
+def read_jsonl(path: Location | str | os.PathLike[str]) -> list[dict]:
     """Complete JSON lines only: a line torn by a killed writer ends the list."""
     out = []
-    for line in (path.read_text_or_none() or "").splitlines():
+    for line in (Location.of(path).read_text_or_none() or "").splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:

@@ -314,3 +314,44 @@ def test_reopen_removes_the_temporary_files_of_killed_writes(tmp_path):
     StoreWriter.reopen(tmp_path / "s").abort()
     assert not zarr_temp.exists() and not ours.exists() and shard.exists()
     assert (tmp_path / "s" / "zarr.json").exists()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(st.tuples(st.booleans(), st.integers(1, 6)), min_size=1, max_size=6),
+                        min_size=1, max_size=8),
+       reverse_failures=st.booleans(), shard_rows=st.sampled_from([0.0002, 0.0006]))  # 32 or 64 rows
+def test_manifest_entries_commit_what_the_commit_plan_of_the_whole_tables_says(tmp_path_factory, batches,
+                                                                               reverse_failures, shard_rows):
+    """The rule that decides which records a shard's entry commits depends only on rows and lines, never on when
+    records arrived: a writer fed batch by batch (errors first, in either order) commits exactly what
+    :func:`commit_plan` computes from the finished tables, which is what a distributed extraction writes."""
+    from stores.integrity import shard_entries
+    from stores.writer import commit_plan, read_jsonl
+
+    path = tmp_path_factory.mktemp("plan") / "s"
+    writer = StoreWriter.create(path, modality="text", layout="ragged", dim=2, tokens_per_item=None,
+                                dtype="float32", identity={"x": 1}, shard_mb=shard_rows)
+    line = 0
+    for batch in batches:
+        items, failures = [], []
+        for failed, length in batch:
+            line += 1
+            (failures if failed else items).append((line, length))
+        if reverse_failures:
+            failures.reverse()  # stages report failures out of line order
+        writer.add_errors([{"id": f"e{ln}", "line": ln, "reason": "bad"} for ln, _ in failures])
+        if items:
+            lengths = torch.tensor([n for _, n in items])
+            writer.add_batch([{"id": f"i{ln}", "line": ln} for ln, _ in items],
+                             torch.randn(len(items), 6, 2), lengths)
+    if writer.items_written == 0:
+        writer.abort()
+        return
+    writer.finish()
+    items, errors = read_jsonl(path / "items.jsonl"), read_jsonl(path / "errors.jsonl")
+    assert [e["line"] for e in errors] == sorted(e["line"] for e in errors)
+    entries = shard_entries(path, "tokens")
+    ends = [entries[i]["rows"][1] for i in sorted(entries)]
+    plan, tail = commit_plan(items, errors, [it["length"] for it in items], ends)
+    assert [{k: entries[i].get(k, []) for k in ("items", "errors")} for i in sorted(entries)] == plan
+    assert errors == [e for p in plan for e in p["errors"]] + tail
