@@ -24,7 +24,7 @@ def repair_store(store: str | os.PathLike[str]) -> list[int]:
     from stores.integrity import shard_entries, verify
     from stores.layout import read_meta, token_array_name
     from stores.location import Location
-    from stores.writer import committed_items, rewrite_shard
+    from stores.writer import committed_records, rewrite_shard
 
     store = Location.of(store)
     meta = read_meta(store)
@@ -38,7 +38,7 @@ def repair_store(store: str | os.PathLike[str]) -> list[int]:
     if not Path(manifest).is_file() or manifest_sha256(manifest) != meta.identity.get("manifest_sha256"):
         raise ExtractionError(f"the source manifest {manifest} is gone or changed since {store} was made")
     name = token_array_name(meta.layout)
-    items = committed_items(store)
+    items = committed_records(store)["items"]
     lengths = np.array([int(it["length"]) for it in items])
     starts = np.concatenate([[0], np.cumsum(lengths)])
     manifest_items = read_manifest(manifest)

@@ -15,25 +15,26 @@ def disk_bytes(path: Location | str | os.PathLike[str]) -> int:
 
 def describe(path: Location | str | os.PathLike[str]) -> dict:
     """Everything ``stores info`` prints, as a dict. Raises ``ValueError`` if ``path`` is not a feature store."""
-    from stores.writer import committed_items
+    from stores.writer import committed_records
 
     path = Location.of(path)
     meta = read_meta(path)
     if meta is None:
         raise ValueError(f"{path} is not a feature store")
+    records = committed_records(path, ("errors",) if meta.complete else ("items", "errors"), full_hash=False)
     return {
         "path": str(path),
         "modality": meta.modality,
         "layout": meta.layout,
         "complete": meta.complete,
         # an unfinished store: the items its verified-size shards commit so far
-        "items": meta.count if meta.complete else len(committed_items(path, full_hash=False)),
+        "items": meta.count if meta.complete else len(records["items"]),
         "tokens": meta.total_tokens,
         "dim": meta.dim,
         "tokens_per_item": meta.tokens_per_item,
         "dtype": meta.dtype,
         "disk_bytes": disk_bytes(path),
-        "failed_items": len(committed_items(path, "errors", full_hash=False)),
+        "failed_items": len(records["errors"]),
         "key": meta.key,
         "identity": meta.identity,
         "summary": meta.summary,

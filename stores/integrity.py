@@ -54,12 +54,6 @@ def check_shard(store: Location | str | os.PathLike[str], array: str, entry: dic
     return None
 
 
-def committed_rows(store: Location | str | os.PathLike[str], array: str, ndim: int) -> tuple[int, int]:
-    """``(rows, shards)``: the longest run of shards from 0 whose objects match their manifest entries."""
-    rows, shards, _ = committed_entries(store, array, ndim)
-    return rows, shards
-
-
 def committed_entries(store: Location | str | os.PathLike[str], array: str, ndim: int, full_hash: bool = True
                       ) -> tuple[int, int, list[dict]]:
     """``(rows, shards, entries)`` of the longest run of shards from 0 whose objects match their entries

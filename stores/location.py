@@ -88,12 +88,6 @@ class Location:
     def __truediv__(self, name: str) -> Location:
         raise NotImplementedError
 
-    def exists(self) -> bool:
-        raise NotImplementedError
-
-    def is_file(self) -> bool:
-        raise NotImplementedError
-
     def is_empty_or_absent(self) -> bool:
         """Nothing at all lives here (no object and no object under it)."""
         raise NotImplementedError
@@ -164,12 +158,6 @@ class LocalLocation(Location):
     def __truediv__(self, name: str) -> LocalLocation:
         return LocalLocation(self.path / name)
 
-    def exists(self) -> bool:
-        return self.path.exists()
-
-    def is_file(self) -> bool:
-        return self.path.is_file()
-
     def is_empty_or_absent(self) -> bool:
         return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
 
@@ -180,11 +168,12 @@ class LocalLocation(Location):
         return open(self.path, "rb")
 
     @contextlib.contextmanager
-    def atomic_writer(self) -> Iterator[IO[str]]:
+    def _replacing(self, mode: str) -> Iterator[IO]:
+        """A handle on a temporary file that replaces this one (fsync, rename, fsync of the folder) on success."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
-            with open(tmp, "w", encoding="utf-8") as handle:
+            with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -194,15 +183,12 @@ class LocalLocation(Location):
             raise
         _fsync(self.path.parent)
 
+    def atomic_writer(self) -> contextlib.AbstractContextManager[IO[str]]:
+        return self._replacing("w")
+
     def write_bytes(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as handle:
+        with self._replacing("wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        _fsync(self.path.parent)
 
     def create_exclusive(self, data: bytes) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,14 +254,6 @@ class RemoteLocation(Location):
 
     def __truediv__(self, name: str) -> RemoteLocation:
         return RemoteLocation(f"{self.url}/{name}", self.fs, f"{self.key}/{name}")
-
-    def exists(self) -> bool:
-        with _backend(self.url):
-            return bool(self.fs.exists(self.key))
-
-    def is_file(self) -> bool:
-        with _backend(self.url):
-            return bool(self.fs.isfile(self.key))
 
     def is_empty_or_absent(self) -> bool:
         with _backend(self.url):

@@ -123,7 +123,7 @@ class FeatureStore:
         ``fast_reads=False`` reads every array through zarr-python instead of TensorStore (30-40x slower at random
         reads; kept for comparison and as a cross-check).
         """
-        from stores.writer import StoreWriter, committed_items
+        from stores.writer import StoreWriter, committed_records
 
         path = Location.of(path)
         meta = read_meta(path)
@@ -138,7 +138,7 @@ class FeatureStore:
                 f"store {path} is incomplete: its extraction stopped ({missing}; everything after manifest line "
                 f"{done['last_line']}). Re-run the same extract command to resume it."
             )
-        items = committed_items(path)
+        items = committed_records(path)["items"]
         if meta.complete and len(items) != meta.count:
             raise StoreError(f"{path}: {ITEMS_FILE} lists {len(items)} items but the store records {meta.count}")
         return cls(path, meta, items, ram_budget_gb, fast_reads)
@@ -192,9 +192,9 @@ class FeatureStore:
 
     def errors(self) -> list[dict]:
         """Items the extraction left out, with the reason."""
-        from stores.writer import committed_items
+        from stores.writer import committed_records
 
-        return committed_items(self.path, "errors")
+        return committed_records(self.path, ("errors",))["errors"]
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def load_into_memory(self) -> None:

@@ -447,14 +447,14 @@ class StoreWriter:
         array.resize((rows, *array.shape[1:]))
         _drop_outputs(path, group)
         remove_killed_writes(path)
-        if restart_line is not None and any("line" not in r for r in entries_items(entries)):
+        if restart_line is not None and any("line" not in r for r in entry_records(entries, "items")):
             raise StoreError(f"{path}: its item records carry no manifest line numbers, so the resume point cannot "
                              "be found; extract it again with --overwrite")
         # Records the re-extraction will produce again, already committed: dropped when they arrive.
         again = set() if restart_line is None else {
             _Records.key(kind, r) for kind in ("items", "errors") for r in entry_records(entries, kind)
             if int(r.get("line") or 0) >= restart_line}
-        rows_before = sum(_item_rows(meta, it) for it in entries_items(entries)
+        rows_before = sum(_item_rows(meta, it) for it in entry_records(entries, "items")
                           if restart_line is None or int(it["line"]) < restart_line)
         writer = cls(path, group, meta, shard_mb, start_rows=rows, skip_rows=rows - rows_before,
                      committed=entries, skip_records=again)
@@ -506,7 +506,7 @@ class StoreWriter:
     def progress(path: Location | str | os.PathLike[str]) -> dict:
         """What an unfinished store holds durably: ``{"last_line": manifest line of the last committed item or 0,
         "items": committed items}``; used to decide where a resumed extraction restarts."""
-        items = committed_items(path)
+        items = committed_records(path)["items"]
         return {"last_line": int(items[-1].get("line", 0)) if items else 0, "items": len(items)}
 
     def _appender(self, name: str, shape: tuple[int, ...], dtype: str, row_bytes: int,
@@ -578,12 +578,6 @@ class StoreWriter:
             cpu = cpu.view(torch.uint16)
         return cpu.contiguous().numpy()
 
-    def _all_records(self, kind: str, tail: list[dict]) -> Iterable[dict]:
-        """Every record of ``kind`` in order: those the manifest entries commit, then ``tail``."""
-        entries = shard_entries(self.path, self._tokens.name)  # written by this writer and its predecessors
-        yield from entry_records([entries[i] for i in sorted(entries)], kind)
-        yield from tail
-
     def finish(self, extra: dict | None = None) -> dict:
         """Write the last shards, offsets and item table, then mark the store complete. Returns the summary."""
         if self._finished:
@@ -603,13 +597,15 @@ class StoreWriter:
                 total_bytes += appender.bytes_written
         finally:
             self._pool.shutdown(wait=True)
+        entries = shard_entries(self.path, self._tokens.name)  # written by this writer and its predecessors
+        entries = [entries[i] for i in sorted(entries)]
         n_items = 0
         with (self.path / ITEMS_FILE).atomic_writer() as handle:
-            for line in _jsonl(self._all_records("items", [])):
+            for line in _jsonl(entry_records(entries, "items")):
                 handle.write(line)
                 n_items += 1
         with (self.path / ERRORS_FILE).atomic_writer() as handle:
-            handle.writelines(_jsonl(self._all_records("errors", tail["errors"])))
+            handle.writelines(_jsonl([*entry_records(entries, "errors"), *tail["errors"]]))
         if n_items != len(self._lengths):
             raise StoreError(f"{self.path}: the manifest entries commit {n_items} items, the writer stored "
                              f"{len(self._lengths)}; the store stays incomplete")
@@ -661,10 +657,6 @@ def _item_rows(meta: StoreMeta, item: dict) -> int:
     return int(item["length"]) if meta.layout == "ragged" else 1
 
 
-def entries_items(entries: list[dict]) -> list[dict]:
-    return list(entry_records(entries, "items"))
-
-
 def _drop_outputs(path: Location, group: zarr.Group) -> None:
     """Remove what only :meth:`StoreWriter.finish` writes (offsets, item and error tables): it is written again."""
     if "offsets" in group:
@@ -674,23 +666,23 @@ def _drop_outputs(path: Location, group: zarr.Group) -> None:
     (path / ERRORS_FILE).remove()
 
 
-def committed_items(path: Location | str | os.PathLike[str], kind: str = "items", full_hash: bool = True
-                    ) -> list[dict]:
-    """The item (or error) records a store holds durably: ``items.jsonl`` once complete, otherwise the records of
-    the shards that match their manifest entries (never records that ran ahead of a shard that was not written).
-    ``full_hash=False`` trusts shards whose size matches (a quick description, not a resume point)."""
+def committed_records(path: Location | str | os.PathLike[str], kinds: tuple[str, ...] = ("items",),
+                      full_hash: bool = True) -> dict[str, list[dict]]:
+    """The item and/or error records (``kinds``) a store holds durably: its tables once complete, otherwise the
+    records of the shards that match their manifest entries (never records that ran ahead of a shard that was not
+    written). ``full_hash=False`` trusts shards whose size matches (a quick description, not a resume point)."""
     path = Location.of(path)
     meta = read_meta(path)
     if meta is None:
         raise StoreError(f"{path} is not a feature store")
     if meta.complete:
-        return read_jsonl(path / (ITEMS_FILE if kind == "items" else ERRORS_FILE))
+        return {kind: read_jsonl(path / (ITEMS_FILE if kind == "items" else ERRORS_FILE)) for kind in kinds}
     name = token_array_name(meta.layout)
     group = open_group(path)
     if name not in group:
-        return []
+        return {kind: [] for kind in kinds}
     array = group[name]
     rows, _, entries = committed_entries(path, name, array.ndim, full_hash)
     if rows % array.shards[0]:  # a final partial shard of an unfinished finish(): redone on resume
         entries = entries[:-1]
-    return list(entry_records(entries, kind))
+    return {kind: list(entry_records(entries, kind)) for kind in kinds}
