@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from toy_stores import make_toy_pair
+from toy_stores import make_toy_pair, store_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,13 +52,6 @@ def test_fit_up_killed_between_epochs_resumes_to_the_same_metrics(tmp_path):
     assert (killed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
 
 
-def _store_bytes(store: Path) -> dict[str, bytes]:
-    """Every data file of a store (shards, item and error tables), by relative path."""
-    skip = ("zarr.json", ".writer.lock")
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
-            if p.is_file() and p.name not in skip and "_shards" not in p.parts}
-
-
 def test_extract_killed_twice_resumes_to_the_same_bytes(tmp_path, tiny_text_model):
     words = ["red", "green", "blue", "circle", "square", "left", "right", "top", "small", "large", "a", "photo"]
     manifest = tmp_path / "captions.jsonl"
@@ -91,7 +84,7 @@ def test_extract_killed_twice_resumes_to_the_same_bytes(tmp_path, tiny_text_mode
     resumed = subprocess.run(extract(crashed), cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at item" in resumed.stderr
-    assert _store_bytes(crashed) == _store_bytes(clean)
+    assert store_files(crashed) == store_files(clean)
     verify = subprocess.run([sys.executable, "cli.py", "stores", "verify", str(crashed)], cwd=REPO,
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -102,7 +95,7 @@ def test_verify_repair_restores_the_original_bytes(tmp_path, tiny_text_model, te
     subprocess.run([sys.executable, "cli.py", "extract", "--modality", "text", "--encoder", tiny_text_model,
                     "--manifest", text_manifest, "--store", str(store), "--batch-size", "2", "--shard-mb", "0.001"],
                    cwd=REPO, check=True, capture_output=True)
-    original = _store_bytes(store)
+    original = store_files(store)
     shards = sorted((store / "tokens" / "c").iterdir(), key=lambda p: int(p.name))
     assert len(shards) >= 2
     altered = shards[0] / "0"
@@ -116,4 +109,4 @@ def test_verify_repair_restores_the_original_bytes(tmp_path, tiny_text_model, te
     assert "missing" in bad.stdout
     fixed = subprocess.run([*verify, "--repair"], cwd=REPO, capture_output=True, text=True)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-    assert _store_bytes(store) == original
+    assert store_files(store) == original

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_stores import store_files
 
 from stores import FeatureStore
 
@@ -31,41 +32,48 @@ def _namespace_prefix(probe_dir: Path) -> list[str] | None:
     return None
 
 
-def _store_bytes(store: Path) -> dict[str, bytes]:
-    skip = ("zarr.json", ".writer.lock")
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
-            if p.is_file() and p.name not in skip and "_shards" not in p.parts}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # same numerics in one process and in ranks
 
 
-def test_a_full_disk_stops_cleanly_and_the_store_resumes_to_the_same_bytes(tmp_path, tiny_text_model):
+def _extract_on_a_small_disk(tmp_path: Path, encoder: str, items: int, launcher: list[str],
+                             room: float) -> tuple[Path, Path]:
+    """Extract ``items`` captions (through ``launcher``: python, or torchrun) into a tmpfs with ``room`` times the
+    size of the finished store, then again after growing it. Returns the reference store (one process, plenty of
+    disk) and the folder holding first/second.err and .rc and copies of the store after each run (partial,
+    resumed). Skips where no tmpfs can be mounted."""
     prefix = _namespace_prefix(tmp_path / "probe")
     if prefix is None:
         pytest.skip("cannot mount a small tmpfs here (no unshare/mount, or user and mount namespaces are not allowed)")
     manifest = tmp_path / "captions.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"c{i}", "text": f"caption number {i} " * (1 + i % 5)}) + "\n"
-                                for i in range(400)))
-    extract = [sys.executable, "cli.py", "extract", "--modality", "text", "--encoder", tiny_text_model, "--manifest",
-               str(manifest), "--batch-size", "8", "--shard-mb", "0.02", "--workers", "0", "--store"]
+                                for i in range(items)))
+    args = ["cli.py", "extract", "--modality", "text", "--encoder", encoder, "--manifest", str(manifest),
+            "--batch-size", "8", "--shard-mb", "0.02", "--workers", "0", "--store"]
     reference = tmp_path / "reference"
-    subprocess.run([*extract, str(reference)], cwd=REPO, check=True, capture_output=True)
-    size = sum(len(b) for b in _store_bytes(reference).values())
+    subprocess.run([sys.executable, *args, str(reference)], cwd=REPO, check=True, capture_output=True, env=ENV)
+    size = sum(len(b) for b in store_files(reference).values())
 
     mount, out = tmp_path / "small-disk", tmp_path / "out"
     mount.mkdir()
     out.mkdir()
     q = lambda p: f"'{p}'"  # noqa: E731 - quoting for the shell script below
-    command = " ".join(q(a) for a in extract)
+    command = " ".join(q(a) for a in [*launcher, *args])
     script = "\n".join([
-        f"mount -t tmpfs -o size={size // 2 // 1024}k tmpfs {q(mount)} || exit 90",
-        f"{command} {q(mount / 's')} 2> {q(out / 'first.err')}; echo $? > {q(out / 'first.rc')}",
+        f"mount -t tmpfs -o size={int(size * room) // 1024 + 16}k tmpfs {q(mount)} || exit 90",
+        f"{command} {q(mount / 's')} > {q(out / 'first.err')} 2>&1; echo $? > {q(out / 'first.rc')}",
         f"cp -r {q(mount / 's')} {q(out / 'partial')}",
-        f"mount -o remount,size={4 * size // 1024 + 1024}k {q(mount)}",
-        f"{command} {q(mount / 's')} 2> {q(out / 'second.err')}; echo $? > {q(out / 'second.rc')}",
+        f"mount -o remount,size={6 * size // 1024 + 1024}k {q(mount)}",
+        f"{command} {q(mount / 's')} > {q(out / 'second.err')} 2>&1; echo $? > {q(out / 'second.rc')}",
         f"cp -r {q(mount / 's')} {q(out / 'resumed')}",
     ])
-    done = subprocess.run([*prefix, "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*prefix, "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=ENV)
     assert done.returncode == 0, done.stderr
+    return reference, out
 
+
+def test_a_full_disk_stops_cleanly_and_the_store_resumes_to_the_same_bytes(tmp_path, tiny_text_model):
+    reference, out = _extract_on_a_small_disk(tmp_path, tiny_text_model, 400, [sys.executable], room=0.5)
     first = (out / "first.err").read_text()
     assert (out / "first.rc").read_text().strip() == "1", first
     assert "is full" in first and "run the same command again to resume" in first and "Traceback" not in first
@@ -79,48 +87,21 @@ def test_a_full_disk_stops_cleanly_and_the_store_resumes_to_the_same_bytes(tmp_p
     second = (out / "second.err").read_text()
     assert (out / "second.rc").read_text().strip() == "0", second
     assert "resuming at item" in second
-    assert _store_bytes(out / "resumed") == _store_bytes(reference)
+    assert store_files(out / "resumed") == store_files(reference)
     assert FeatureStore.open(out / "resumed").ids == [f"c{i}" for i in range(400)]
 
 
 def test_a_full_disk_under_torchrun_stops_cleanly_and_resumes_to_the_same_bytes(tmp_path, tiny_text_model):
     """The same with two torchrun ranks: the rank that hits the full disk stops the job with the one-line error,
     the finished parts and shards stay, and the same command resumes to a one-process store's bytes."""
-    prefix = _namespace_prefix(tmp_path / "probe")
-    if prefix is None:
-        pytest.skip("cannot mount a small tmpfs here (no unshare/mount, or user and mount namespaces are not allowed)")
-    manifest = tmp_path / "captions.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"c{i}", "text": f"caption number {i} " * (1 + i % 5)}) + "\n"
-                                for i in range(200)))
-    args = ["cli.py", "extract", "--modality", "text", "--encoder", tiny_text_model, "--manifest", str(manifest),
-            "--batch-size", "8", "--shard-mb", "0.02", "--workers", "0", "--store"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one process's numerics
-    reference = tmp_path / "reference"
-    subprocess.run([sys.executable, *args, str(reference)], cwd=REPO, check=True, capture_output=True, env=env)
-    size = sum(len(b) for b in _store_bytes(reference).values())
-
-    mount, out = tmp_path / "small-disk", tmp_path / "out"
-    mount.mkdir()
-    out.mkdir()
-    q = lambda p: f"'{p}'"  # noqa: E731 - quoting for the shell script below
-    command = " ".join(q(a) for a in [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                      "--standalone", *args])
-    script = "\n".join([
-        # parts are staged beside the final shards, so a run needs about twice the store: give it about one store
-        f"mount -t tmpfs -o size={size // 1024 + 16}k tmpfs {q(mount)} || exit 90",
-        f"{command} {q(mount / 's')} > {q(out / 'first.err')} 2>&1; echo $? > {q(out / 'first.rc')}",
-        f"mount -o remount,size={6 * size // 1024 + 1024}k {q(mount)}",
-        f"{command} {q(mount / 's')} > {q(out / 'second.err')} 2>&1; echo $? > {q(out / 'second.rc')}",
-        f"cp -r {q(mount / 's')} {q(out / 'resumed')}",
-    ])
-    done = subprocess.run([*prefix, "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert done.returncode == 0, done.stderr
-
+    # parts are staged beside the final shards, so a run needs about twice the store: give it about one store
+    reference, out = _extract_on_a_small_disk(
+        tmp_path, tiny_text_model, 200, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                         "--standalone"], room=1.0)
     first = (out / "first.err").read_text()
     assert (out / "first.rc").read_text().strip() != "0", first[-3000:]
     assert "is full" in first and "Every finished part and shard is kept" in first, first[-3000:]
     second = (out / "second.err").read_text()
     assert (out / "second.rc").read_text().strip() == "0", second[-3000:]
     assert "resuming" in second
-    assert _store_bytes(out / "resumed") == _store_bytes(reference)
+    assert store_files(out / "resumed") == store_files(reference)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_stores import store_files
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "features"
@@ -74,11 +75,6 @@ def _cli(s3, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return done
 
 
-def _local_objects(store: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
-            if p.is_file() and p.name != "zarr.json"}
-
-
 def _remote_objects(s3, url: str) -> dict[str, bytes]:
     fs, root = s3["fs"], url.removeprefix("s3://")
     fs.invalidate_cache()
@@ -99,7 +95,7 @@ def test_extract_to_s3_is_byte_identical_to_local_and_trains_and_evaluates(s3, t
                  "--store", str(store), "--batch-size", "4", "--shard-mb", "0.01", "--workers", "0")
         objects = _remote_objects(s3, remote[modality])
         assert any(name.startswith("_shards/") for name in objects) and "items.jsonl" in objects
-        assert objects == _local_objects(local[modality])  # shards, manifest entries, item and error tables
+        assert objects == store_files(local[modality])  # shards, manifest entries, item and error tables
         again = _cli(s3, "extract", "--modality", modality, "--encoder", encoder, "--manifest", str(manifest),
                      "--store", remote[modality], "--batch-size", "4", "--shard-mb", "0.01")
         assert "up to date" in again.stderr + again.stdout
@@ -165,7 +161,7 @@ def test_verify_names_an_altered_object_and_a_reader_refuses_an_unfinished_remot
     assert refused.returncode != 0 and url in refused.stderr and "incomplete" in refused.stderr
 
 
-def test_a_second_writer_is_refused_by_the_conditional_put(s3):
+def test_a_second_writer_is_refused_while_the_first_holds_the_remote_lock(s3):
     from stores import StoreWriter
     from stores.lock import StoreLockedError
 
@@ -238,7 +234,7 @@ def test_a_killed_remote_writer_resumes_to_the_bytes_of_a_local_run(s3, tmp_path
     assert "resuming at item" in resumed.stderr
     objects = _remote_objects(s3, url)
     objects.pop(".writer.lock", None)
-    assert objects == _local_objects(clean)
+    assert objects == store_files(clean)
     assert "ok: every shard" in _cli(s3, "stores", "verify", url).stdout
 
 
@@ -287,4 +283,4 @@ def test_torchrun_extraction_into_s3_equals_one_local_process(s3, tmp_path, tiny
     assert "with 2 processes" in two.stdout + two.stderr
     objects = _remote_objects(s3, url)
     assert not any(name.startswith("_parts/") for name in objects)
-    assert objects == _local_objects(local)
+    assert objects == store_files(local)

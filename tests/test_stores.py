@@ -247,7 +247,7 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
 
 def test_reopen_drops_a_torn_shard_and_trailing_records(tmp_path):
     from stores.integrity import shard_entries
-    from stores.writer import committed_items
+    from stores.writer import committed_records
 
     writer = _partial_store(tmp_path / "s", 6)
     writer._tokens._drain(0)
@@ -258,7 +258,7 @@ def test_reopen_drops_a_torn_shard_and_trailing_records(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])  # torn write of the last shard
     reopened = StoreWriter.reopen(tmp_path / "s")
     assert reopened.resumed["shards"] == last and not shard.exists()
-    kept = committed_items(tmp_path / "s")  # the records the verified shards' manifest entries commit
+    kept = committed_records(tmp_path / "s")["items"]  # the records the verified shards' manifest entries commit
     assert reopened.resumed["items"] == len(kept) and kept[0]["id"] == "i0"
     rows = sum(item["length"] for item in kept)
     # only items whose rows are all stored are kept; at most one item (< 5 rows) straddles the last shard's end

@@ -65,3 +65,11 @@ def make_toy_modality(root: Path, modality: str, n_images: int = 64, per_image: 
     identity = {"encoder": {"id": f"{tag}-{modality}-encoder"}, "modality": modality, "layer": -1, "keep": "tokens",
                 "manifest_sha256": f"{tag}-{seed}-{modality}"}
     return _write(root / f"{tag}-{modality}", modality, "ragged", items, metas, dim, None, identity)
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every file of a store by relative path (shards, manifest entries with the records they commit, item and
+    error tables), without the metadata that records run times (``zarr.json``) and the writer lock."""
+    skip = ("zarr.json", ".writer.lock")
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(Path(store).rglob("*"))
+            if p.is_file() and p.name not in skip}
