@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from project.base import ConfigMixin, Head, check_dropout, first_real_index, masked_mean, normalise_modalities
+from project.dropout import Dropout
 from project.linear import PooledAdapter
 
 # "projector": the paper's projector above; "linear": one Linear on the masked mean (the LiT baseline's layer).
@@ -58,7 +59,7 @@ class ResidualProjector(nn.Module):
 
     def __init__(self, in_dim: int, width: int, dropout: float = 0.1) -> None:
         super().__init__()
-        self.pre = nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(dropout))
+        self.pre = nn.Sequential(nn.LayerNorm(in_dim), Dropout(dropout))
         self.linear = nn.Linear(in_dim, width)
         self.mlp = nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
 
@@ -73,7 +74,7 @@ class ResidualHead(nn.Module):
     def __init__(self, width: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.proj = nn.Linear(width, width)
-        self.fc = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.Dropout(dropout))
+        self.fc = nn.Sequential(nn.GELU(), nn.Linear(width, width), Dropout(dropout))
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: Tensor) -> Tensor:

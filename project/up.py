@@ -26,6 +26,7 @@ from project.base import (
     masked_mean,
     normalise_modalities,
 )
+from project.dropout import Dropout, TransformerEncoderLayer
 
 FUSIONS = ("add", "attention", "concat")
 POOLS = ("mean", "token")
@@ -79,7 +80,7 @@ class InputProjection(nn.Module):
             nn.Linear(in_dim, width),
             nn.GELU(),
             nn.Linear(width, width),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.LayerNorm(width),
         )
 
@@ -127,7 +128,7 @@ class ModalityFusion(nn.Module):
             self.q = nn.Linear(width, width)
             self.k = nn.Linear(width, width)
             self.v = nn.Linear(width, width)
-            self.drop = nn.Dropout(dropout)
+            self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
         if self.kind == "add":
@@ -177,7 +178,7 @@ class UniversalProjection(nn.Module):
             self.add_modality_token(name)
         self.fusion = ModalityFusion(width, fusion, dropout)
         self.norm = nn.LayerNorm(width)
-        layer = nn.TransformerEncoderLayer(
+        layer = TransformerEncoderLayer(
             d_model=width,
             nhead=heads,
             dim_feedforward=ff_mult * width,

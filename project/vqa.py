@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from project.base import ConfigMixin, check_dropout
+from project.dropout import Dropout
 
 VQA_FUSIONS = ("concat", "concat-product")
 
@@ -61,7 +62,7 @@ class VQAHead(nn.Module):
             self.mlp = nn.Sequential(
                 nn.Linear(fused, config.hidden),
                 nn.GELU(),
-                nn.Dropout(config.dropout),
+                Dropout(config.dropout),
                 nn.Linear(config.hidden, config.answers),
             )
 

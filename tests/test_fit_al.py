@@ -99,7 +99,9 @@ def test_zero_shot_with_audio_prompts_instead_of_text(trained, tmp_path):
     classes.write_text("negative\npositive\n")
     report = evaluate_zero_shot(trained["run"], trained["image"], classes, prompt_store=prompts)
     assert report["prompt_modality"] == "audio" and report["prompt_items"] == 80
-    assert report["accuracy"]["top1"] > 0.65, report["accuracy"]  # chance 0.5 (80 images: 0.65 is 2.7 sd above)
+    # Chance is 0.5 and one sd 0.056 with 80 images: 0.6 is 1.8 sd above. Over twelve training seeds this toy gave
+    # 0.61-0.79 (mean 0.69), so a bar near the mean would test the seed, not the protocol.
+    assert report["accuracy"]["top1"] > 0.6, report["accuracy"]
     with pytest.raises(EvaluationError, match="exactly one source of prompts"):
         evaluate_zero_shot(trained["run"], trained["image"], classes, text_encoder="x", prompt_store=prompts)
     three = tmp_path / "three.txt"
