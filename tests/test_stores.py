@@ -69,6 +69,10 @@ def test_round_trip_every_layout_and_dtype(tmp_path, layout, dtype, ram):
         assert int(mask[row].sum()) == expected.shape[0]
         assert torch.equal(tokens[row][mask[row]], expected)  # bit-exact, bf16 included
         assert torch.all(tokens[row][~mask[row]] == 0)
+    # In the store's own dtype (what the fit loop reads, to cast on the device): the same values, uncast.
+    assert store.dtype == TORCH_DTYPES[dtype]
+    stored, stored_mask = store.get_batch(order, dtype=store.dtype)
+    assert stored.dtype == store.dtype and torch.equal(stored_mask, mask) and torch.equal(stored.float(), tokens)
     assert store.ids[3] == "item3" and store.labels[4] == 1 and store.refs[5] == "img2"
     assert store.index_of("item7") == 7
 
