@@ -325,12 +325,10 @@ def _epoch_batches(image_store, text_store, batch_size: int) -> list[tuple[np.nd
     return list(epoch_batches(pairs, batch_size, torch.Generator().manual_seed(0), "one-per-anchor"))
 
 
-def _fetch_from(image_store, text_store, device: str) -> Callable[[int, np.ndarray, np.ndarray], tuple]:
-    """Reads a step's batches as the fit loop does (in :func:`pipeline.fit.batch_dtype`)."""
-    from pipeline.fit import batch_dtype
-
-    return lambda step, a, b: (image_store.get_batch(a, dtype=batch_dtype(image_store, device)),
-                               text_store.get_batch(b, dtype=batch_dtype(text_store, device)))
+def _fetch_from(image_store, text_store) -> Callable[[int, np.ndarray, np.ndarray], tuple]:
+    """Reads a step's batches as the fit loop does: in the stores' dtype (the step casts them on the device)."""
+    return lambda step, a, b: (image_store.get_batch(a, dtype=image_store.dtype),
+                               text_store.get_batch(b, dtype=text_store.dtype))
 
 
 def _stepper(head, batches: list, fetch: Callable[[int, np.ndarray, np.ndarray], tuple],
@@ -363,7 +361,7 @@ def _training_overhead(bench: Bench, image_path: Path, text_path: Path, batch_si
     stores = FeatureStore.open(image_path), FeatureStore.open(text_path)
     on_disk = FeatureStore.open(image_path, ram_budget_gb=0), FeatureStore.open(text_path, ram_budget_gb=0)
     batches = _epoch_batches(*stores, batch_size)
-    resident = [tuple((t.to(device).float(), m.to(device)) for t, m in _fetch_from(*stores, device)(0, a, b)) for a, b in batches]
+    resident = [tuple((t.to(device).float(), m.to(device)) for t, m in _fetch_from(*stores)(0, a, b)) for a, b in batches]
     head = _bench_head({"image": stores[0].dim, "text": stores[1].dim}, device)
 
     def from_ram(_: int) -> None:
@@ -372,14 +370,14 @@ def _training_overhead(bench: Bench, image_path: Path, text_path: Path, batch_si
 
     def from_stores(image_store, text_store) -> Callable[[int], None]:
         def epoch(_: int) -> None:
-            read = _fetch_from(image_store, text_store, device)
+            read = _fetch_from(image_store, text_store)
             for _pair, batch in prefetched(batches, lambda pair: read(0, *pair)):
                 _train_step(head, batch, device)
 
         return epoch
 
     def reads_only(_: int) -> None:  # what the prefetch thread has to hide in disk mode
-        read = _fetch_from(*on_disk, device)
+        read = _fetch_from(*on_disk)
         for a, b in batches:
             read(0, a, b)
 
@@ -535,8 +533,8 @@ def measure_p3_cached_vs_uncached(bench: Bench) -> list[Metric]:
         # how much of the cached step the dropout masks take (docs/benchmarks.md, findings 5 and 12).
         no_dropout = _bench_head(dims, device, up, dropout=0.0)
         steppers |= {f"{key} uncached": _stepper(head, batches, encode_raw, device),
-                     f"{key} cached": _stepper(head, batches, _fetch_from(images, texts, device), device),
-                     f"{key} cached, dropout 0": _stepper(no_dropout, batches, _fetch_from(images, texts, device), device)}
+                     f"{key} cached": _stepper(head, batches, _fetch_from(images, texts), device),
+                     f"{key} cached, dropout 0": _stepper(no_dropout, batches, _fetch_from(images, texts), device)}
     # Every variant of both heads runs in every round (A B C ..., ... C B A), so the shares compare like with like.
     times = interleaved(steppers, s.reps * len(batches), device)
     return [_p3_metric(key, up, times, len(batches), encoder_flops, head_flops[key], s, device)

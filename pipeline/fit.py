@@ -89,13 +89,6 @@ def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> dict:
     return metrics
 
 
-def batch_dtype(store, device: str) -> torch.dtype:
-    """The dtype a training batch is read in: the store's own (fp16 / bf16: half the bytes to pin and copy) for a
-    GPU, which casts it; float32 on the CPU, cast in the prefetch thread, off the step's path (a cast in the step
-    made CPU epochs slower: docs/benchmarks.md, finding 14)."""
-    return store.dtype if torch.device(device).type == "cuda" else torch.float32
-
-
 def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched: tuple, batch_len: int,
                       device: str) -> torch.Tensor:
     """The contrastive loss of one global batch of ``batch_len`` pairs, from this rank's ``fetched`` slice
@@ -103,7 +96,7 @@ def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched:
     the slices' embeddings are gathered with gradients, so every rank returns the loss of the whole global batch
     and backward gives (after DDP's averaging) the single-process gradient."""
     (a_tokens, a_mask), (b_tokens, b_mask) = fetched
-    # A GPU batch arrives in the stores' dtype and is cast on the device (batch_dtype).
+    # Batches arrive in the stores' dtype (fp16 / bf16: half the bytes to pin and copy) and are cast on the device.
     a, b = encode_pair(a_tokens.to(device, non_blocking=True).float(), a_mask.to(device),
                        b_tokens.to(device, non_blocking=True).float(), b_mask.to(device))
     if distributed.is_distributed():
@@ -158,15 +151,15 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     main = distributed.is_main()
 
     def fetch(pair: tuple) -> tuple:
-        """Both sides of this rank's part of one minibatch, read in the prefetch thread (see :func:`batch_dtype`;
-        pinned on CUDA).
+        """Both sides of this rank's part of one minibatch in the stores' dtype, read in the prefetch thread
+        (pinned on CUDA) and cast in the step (docs/benchmarks.md, finding 14).
 
         A rank whose slice is empty (a global batch smaller than the world) reads one row it then drops, so that
         every rank runs the same forward and backward."""
         part = distributed.my_slice(len(pair[0]))
         if part.start == part.stop:
             part = slice(0, 1)
-        sides = tuple(store.get_batch(indices[part], dtype=batch_dtype(store, cfg.device))
+        sides = tuple(store.get_batch(indices[part], dtype=store.dtype)
                       for store, indices in ((stage.anchor_store, pair[0]), (stage.partner_store, pair[1])))
         return tuple((t.pin_memory(), m.pin_memory()) for t, m in sides) if pin else sides
 

@@ -21,6 +21,7 @@ from stores.location import Location
 
 DEFAULT_RAM_BUDGET_GB = float(os.environ.get("ONEENCODER_RAM_BUDGET_GB", "4"))
 # Output dtypes a batch can be assembled in with numpy (gather, cast and padding in one single-threaded copy).
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
 class _TensorStoreRows:
@@ -231,6 +232,10 @@ class FeatureStore:
         unique, inverse = np.unique(indices, return_inverse=True)  # sorted, de-duplicated selection
         return self._array.oindex[unique][inverse.reshape(-1)]
 
+    def _numpy_dtype(self, dtype: torch.dtype) -> type | None:
+        """The numpy dtype to assemble a batch in, or None when torch must convert (bfloat16 in or out)."""
+        return None if self.meta.dtype == "bfloat16" else _NUMPY_DTYPES.get(dtype)
+
     def get_batch(
         self, indices: Sequence[int] | np.ndarray, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,11 +243,13 @@ class FeatureStore:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"indices out of range for store {self.path} with {len(self)} items")
-        # A batch is gathered and padded with numpy in the storage dtype (plain copies), then cast by one torch
-        # op: several torch kernels per batch each waited for their worker threads on a busy 2-core machine, and
-        # numpy's fp16 -> fp32 cast is not vectorised, about 10x slower than torch's (docs/benchmarks.md).
+        # Batches are gathered, cast and padded with numpy, not torch: each torch kernel big enough to go
+        # multi-threaded waits for its worker threads to be scheduled, ~8 ms on a busy 2-core machine, and a
+        # batch took several (docs/benchmarks.md).
+        target = self._numpy_dtype(dtype)
         if self.layout in ("pooled", "fixed"):
-            tokens = self._as_tensor(self._items(idx)).to(dtype)
+            rows = self._items(idx)
+            tokens = torch.from_numpy(rows.astype(target, copy=False)) if target else self._as_tensor(rows).to(dtype)
             tokens = tokens.unsqueeze(1) if self.layout == "pooled" else tokens
             return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool)
         lengths = self.lengths[idx]
@@ -253,10 +260,15 @@ class FeatureStore:
         else:  # one sorted read of every item's rows, then the same copy as from RAM
             source = self._rows(self._offsets[idx], self._offsets[idx] + lengths)
             starts = np.cumsum(lengths) - lengths
-        out = np.zeros((len(idx), width, self.dim), dtype=source.dtype)
+        if target is None:
+            flat = self._as_tensor(np.concatenate([source[a : a + n] for a, n in zip(starts, lengths, strict=True)]))
+            tokens = torch.zeros((len(idx), width, self.dim), dtype=dtype)
+            tokens[mask] = flat.to(dtype)  # row-major fill of the mask matches item-by-item concatenation
+            return tokens, mask
+        out = np.zeros((len(idx), width, self.dim), dtype=target)
         for row, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
-            out[row, :n] = source[start : start + n]
-        return self._as_tensor(out).to(dtype), mask
+            out[row, :n] = source[start : start + n]  # gather, cast and pad in one copy
+        return torch.from_numpy(out), mask
 
     def iter_batches(
         self, batch_size: int = 256, dtype: torch.dtype = torch.float32
