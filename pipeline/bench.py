@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.prefetch import prefetched, to_device, token_batch
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The head trained in P1 (and P3_small): a smaller UP than the paper's, so the suite finishes on a 2-core CPU. It
@@ -308,9 +310,9 @@ def _bench_head(input_dims: dict[str, int], device: str, up: dict[str, Any] = BE
 def _train_step(head, batch, device: str) -> None:
     """One step of the fit loop (pipeline/fit.py run_stage): encode both sides, loss, backward, AdamW step."""
     model, loss_fn, optimizer = head
-    (a_tokens, a_mask), (b_tokens, b_mask) = batch
-    a = model.encode("image", a_tokens.to(device, non_blocking=True).float(), a_mask.to(device))
-    b = model.encode("text", b_tokens.to(device, non_blocking=True).float(), b_mask.to(device))
+    (a_tokens, a_mask), (b_tokens, b_mask) = (to_device(side, device) for side in batch)
+    a = model.encode("image", a_tokens, a_mask)
+    b = model.encode("text", b_tokens, b_mask)
     loss = loss_fn(a, b)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -327,9 +329,8 @@ def _epoch_batches(image_store, text_store, batch_size: int) -> list[tuple[np.nd
 
 
 def _fetch_from(image_store, text_store) -> Callable[[int, np.ndarray, np.ndarray], tuple]:
-    """Reads a step's batches as the fit loop does: in the stores' dtype (the step casts them on the device)."""
-    return lambda step, a, b: (image_store.get_batch(a, dtype=image_store.dtype),
-                               text_store.get_batch(b, dtype=text_store.dtype))
+    """Reads a step's batches as the fit loop does (:func:`pipeline.prefetch.token_batch`)."""
+    return lambda step, a, b: (token_batch(image_store, a), token_batch(text_store, b))
 
 
 def _stepper(head, batches: list, fetch: Callable[[int, np.ndarray, np.ndarray], tuple],
@@ -355,14 +356,13 @@ def _training_overhead(bench: Bench, image_path: Path, text_path: Path, batch_si
     prefetched`: the next batches are read in a thread while this one trains), in RAM mode (the default at this
     size) and disk mode, over the same epoch with every batch already in RAM as torch tensors; same head, same
     batches. Whole epochs are interleaved (A B C, C B A, ...): prefetching only shows over an epoch."""
-    from pipeline.prefetch import prefetched
     from stores import FeatureStore
 
     device, reps = bench.device, bench.sizes.p1_reps
     stores = FeatureStore.open(image_path), FeatureStore.open(text_path)
     on_disk = FeatureStore.open(image_path, ram_budget_gb=0), FeatureStore.open(text_path, ram_budget_gb=0)
     batches = _epoch_batches(*stores, batch_size)
-    resident = [tuple((t.to(device).float(), m.to(device)) for t, m in _fetch_from(*stores)(0, a, b)) for a, b in batches]
+    resident = [tuple(to_device(side, device) for side in _fetch_from(*stores)(0, a, b)) for a, b in batches]
     head = _bench_head({"image": stores[0].dim, "text": stores[1].dim}, device)
 
     def from_ram(_: int) -> None:

@@ -21,7 +21,7 @@ from pipeline import distributed
 from pipeline.embed import embed_store
 from pipeline.metrics import bidirectional_retrieval
 from pipeline.pairs import Pairs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
-from pipeline.prefetch import prefetched
+from pipeline.prefetch import prefetched, to_device, token_batch
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, RunError
 from project import HEADS, ContrastiveLoss
@@ -95,10 +95,8 @@ def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched:
     ``((a_tokens, a_mask), (b_tokens, b_mask))``. In a single process the slice is the whole batch; under torchrun
     the slices' embeddings are gathered with gradients, so every rank returns the loss of the whole global batch
     and backward gives (after DDP's averaging) the single-process gradient."""
-    (a_tokens, a_mask), (b_tokens, b_mask) = fetched
-    # Batches arrive in the stores' dtype (fp16 / bf16: half the bytes to pin and copy) and are cast on the device.
-    a, b = encode_pair(a_tokens.to(device, non_blocking=True).float(), a_mask.to(device),
-                       b_tokens.to(device, non_blocking=True).float(), b_mask.to(device))
+    (a_tokens, a_mask), (b_tokens, b_mask) = (to_device(side, device) for side in fetched)
+    a, b = encode_pair(a_tokens, a_mask, b_tokens, b_mask)
     if distributed.is_distributed():
         sizes = distributed.split_sizes(batch_len, distributed.world_size())
         own = sizes[distributed.rank()]  # a rank with an empty slice embedded one row it drops here
@@ -151,17 +149,15 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     main = distributed.is_main()
 
     def fetch(pair: tuple) -> tuple:
-        """Both sides of this rank's part of one minibatch in the stores' dtype, read in the prefetch thread
-        (pinned on CUDA) and cast in the step (docs/benchmarks.md, finding 14).
+        """Both sides of this rank's part of one minibatch (:func:`token_batch`), read in the prefetch thread.
 
         A rank whose slice is empty (a global batch smaller than the world) reads one row it then drops, so that
         every rank runs the same forward and backward."""
         part = distributed.my_slice(len(pair[0]))
         if part.start == part.stop:
             part = slice(0, 1)
-        sides = tuple(store.get_batch(indices[part], dtype=store.dtype)
-                      for store, indices in ((stage.anchor_store, pair[0]), (stage.partner_store, pair[1])))
-        return tuple((t.pin_memory(), m.pin_memory()) for t, m in sides) if pin else sides
+        return (token_batch(stage.anchor_store, pair[0][part], pin),
+                token_batch(stage.partner_store, pair[1][part], pin))
 
     summary: dict = {}
     for epoch in range(start_epoch, cfg.epochs + 1):

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.embed import embed_store
 from pipeline.fit import TrainConfig, TrainingError, optimiser_step, store_record
 from pipeline.pairs import pair_stores
-from pipeline.prefetch import prefetched
+from pipeline.prefetch import prefetched, to_device, token_batch
 from pipeline.rundir import RunDir, RunError, check_compatible
 from pipeline.vqa_metrics import answer_metrics, canonical_answer, wordnet_similarity
 from project.vqa import VQAHead, VQAHeadConfig, VQAModel
@@ -187,8 +187,8 @@ def fit_vqa(
 
     def fetch(rows: np.ndarray) -> tuple:
         """Token batches of the questions ``rows`` and of their images (read in the prefetch thread)."""
-        sides = (train_split.images.get_batch(train_split.image_of[rows]), train_split.questions.get_batch(rows))
-        return tuple((t.pin_memory(), m.pin_memory()) for t, m in sides) if pin else sides
+        return (token_batch(train_split.images, train_split.image_of[rows], pin),
+                token_batch(train_split.questions, rows, pin))
 
     for epoch in range(1, train.epochs + 1):
         started = time.perf_counter()
@@ -198,7 +198,7 @@ def fit_vqa(
         model.head.train()
         total, correct = 0.0, 0
         if settings.unfreeze:
-            steps = ((rows, model(*(x.to(train.device, non_blocking=True) for side in fetched for x in side)))
+            steps = ((rows, model(*(x for side in fetched for x in to_device(side, train.device))))
                      for rows, fetched in prefetched(batches, fetch))
         else:
             image_emb, question_emb = frozen_cache["train"]

@@ -43,7 +43,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 class Dropout(nn.Dropout):
     """``nn.Dropout`` drawing its masks with :func:`dropout` (no parameters: state dicts are unchanged)."""
 
-    def __init__(self, p: float = 0.5) -> None:
+    def __init__(self, p: float = 0.5) -> None:  # no ``inplace``: the mask multiply makes a new tensor
         super().__init__(p)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""The prefetch iterator of the fit loop: order kept, reads overlap, errors surface at their item, early exit is clean."""
+"""The prefetch iterator of the fit loop: order kept, reads overlap, errors surface at their item, early exit is clean;
+token batches travel in the store dtype and reach the step as float32."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.prefetch import prefetched
+from pipeline.prefetch import prefetched, to_device, token_batch
 
 
 def test_items_come_back_in_order_with_their_results():
@@ -53,3 +54,22 @@ def test_stopping_early_leaves_no_thread_behind():
             break
     time.sleep(0.1)
     assert threading.active_count() == before
+
+
+def test_token_batches_travel_in_the_store_dtype_and_reach_the_step_as_float32(tmp_path):
+    import numpy as np
+    import torch
+    from toy_stores import make_toy_pair
+
+    from stores import FeatureStore
+
+    image_path, text_path = make_toy_pair(tmp_path, n_images=12)
+    for path in (image_path, text_path):
+        store = FeatureStore.open(path)
+        rows = np.array([5, 0, 7, 7])
+        tokens, mask = token_batch(store, rows)
+        assert tokens.dtype == store.dtype != torch.float32  # the toy stores are fp16: half the bytes to copy
+        on_device, device_mask = to_device((tokens, mask), "cpu")
+        expected, expected_mask = store.get_batch(rows)
+        assert on_device.dtype == torch.float32 and torch.equal(on_device, expected)
+        assert torch.equal(device_mask, expected_mask)
