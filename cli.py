@@ -94,6 +94,8 @@ def main() -> None:
 @click.option("--max-seconds", type=float, default=None, help="audio: longest audio given to the encoder")
 @click.option("--segment", type=click.Choice(["drop", "split"]), default="drop", show_default=True,
               help="audio past --max-seconds: drop the tail, or split into items ID#segK")
+@click.option("--resampler", type=click.Choice(["auto", "torchaudio", "swr"]), default="auto", show_default=True,
+              help="audio: auto = torchaudio when a build matching torch loads, else swr (PyAV's libswresample)")
 @click.option("--frames", default=16, show_default=True, help="video: frames per clip")
 @click.option("--sampling", type=click.Choice(["uniform", "fps"]), default="uniform", show_default=True,
               help="video: frames spread over the whole video, or --fps apart")
@@ -104,7 +106,7 @@ def main() -> None:
 @friendly_errors
 def extract(modality, encoder_spec, manifest, store, batch_size, device, dtype, keep, pool, layer, max_tokens,
             workers, shard_mb, on_error, overwrite, sample_rate, max_seconds, segment, frames, sampling, fps, clips,
-            frame_pool) -> None:
+            frame_pool, resampler) -> None:
     """Run a frozen encoder over a manifest once and cache its tokens in a sharded Zarr v3 store."""
     from extract.run import default_workers, run_extraction
     from pipeline.distributed import session
@@ -119,7 +121,7 @@ def extract(modality, encoder_spec, manifest, store, batch_size, device, dtype, 
                        keep=keep, pool=pool, layer=layer, max_tokens=max_tokens, workers=int(workers),
                        overwrite=overwrite, shard_mb=shard_mb, on_error=on_error, progress=True,
                        sample_rate=sample_rate, max_seconds=max_seconds, segment=segment, frames=frames,
-                       sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool)
+                       sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool, resampler=resampler)
 
 
 # ---- manifests ---------------------------------------------------------------------------------------------------

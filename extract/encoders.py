@@ -361,8 +361,9 @@ def _hf_identity(
         proc = _read_json(folder / "preprocessor_config.json")
         ident["preprocess"] = {
             **{k: proc[k] for k in _AUDIO_PREPROCESS_KEYS if k in proc},
-            "sample_rate": _hf_sample_rate(folder, audio or AudioOptions()),
+            "sample_rate": _hf_sample_rate(folder, audio := audio or AudioOptions()),
             "decoder": AUDIO_DECODER_VERSION,
+            "resampler": audio.resampler,
         }
     elif modality == "video":
         video_proc = (folder / _VIDEO_PROCESSOR_FILE).is_file()
@@ -755,8 +756,10 @@ class HFAudioPreprocessor:
         min_samples: int,
         spectrogram: bool,
         pass_rate: bool,
+        resampler: str,
     ) -> None:
         self.extractor = extractor
+        self.resampler = resampler
         self.sample_rate = sample_rate
         self.max_seconds = max_seconds
         self.segment = segment
@@ -794,6 +797,7 @@ class HFAudioPreprocessor:
                     max_seconds=self.max_seconds,
                     segment=self.segment,
                     min_samples=self.min_samples,
+                    resampler=self.resampler,
                 )
             except MediaError as exc:
                 failed.append((item, exc.reason))
@@ -850,7 +854,7 @@ class HFAudioEncoder(_HFEncoder):
         self.min_samples = self._min_samples()
         self.preprocessor = HFAudioPreprocessor(
             extractor, self.sample_rate, max_seconds, self.audio.segment, self.min_samples, self.spectrogram,
-            pass_rate=self.sample_rate == native,
+            pass_rate=self.sample_rate == native, resampler=self.audio.resampler,
         )
         probe = self._run(self.preprocessor.waves([torch.zeros(max(self.min_samples, self.sample_rate // 10))]))
         self.dim = int(probe.shape[-1])  # also validates `layer` now, not mid-run

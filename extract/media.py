@@ -1,7 +1,8 @@
 """Media decoding: images, audio and video (decisions and their reasons in ``docs/media.md``).
 
 - images become 8-bit RGB PIL images whatever their mode, orientation or bit depth (:func:`load_image`);
-- audio becomes a mono float32 waveform at the encoder's sample rate (:func:`load_audio`, PyAV + torchaudio);
+- audio becomes a mono float32 waveform at the encoder's sample rate (:func:`load_audio`: PyAV decodes, torchaudio
+  or PyAV's libswresample resamples, whichever :func:`default_resampler` finds; the choice is in the identity);
 - video becomes clips of RGB frames sampled by timestamp with seeks, never by decoding the whole file into RAM
   (:func:`load_video_frames`).
 
@@ -26,11 +27,15 @@ __all__ = [
     "VIDEO_DECODER_VERSION",
     "AudioOptions",
     "MediaError",
+    "RESAMPLERS",
     "VideoOptions",
+    "check_resampler",
+    "default_resampler",
     "load_audio",
     "load_audio_parts",
     "load_image",
     "load_video_frames",
+    "torchaudio_problem",
 ]
 
 # Bumped whenever the decoding policy below changes (what every model sees), so cached stores stop matching.
@@ -38,6 +43,8 @@ AUDIO_DECODER_VERSION = "extract.media.load_audio/1"
 VIDEO_DECODER_VERSION = "extract.media.load_video_frames/1"
 SEGMENT_POLICIES = ("drop", "split")
 SAMPLINGS = ("uniform", "fps")
+# torchaudio's windowed-sinc resampler, or FFmpeg's libswresample through PyAV (no torchaudio needed).
+RESAMPLERS = ("torchaudio", "swr")
 
 
 class MediaError(Exception):
@@ -141,12 +148,14 @@ class AudioOptions:
     longest audio given to the encoder (``None`` = all of it). ``segment``: what happens past ``max_seconds``:
     ``"drop"`` keeps the first ``max_seconds`` (the tail is dropped); ``"split"`` cuts the whole audio into
     consecutive ``max_seconds`` pieces, each stored as its own item ``"{id}#seg{k}"`` (k from 0; the last piece
-    may be shorter).
+    may be shorter). ``resampler``: ``"torchaudio"`` or ``"swr"`` (PyAV's libswresample); ``None`` (or
+    ``"auto"``) = :func:`default_resampler`, resolved here so the identity names the one that ran.
     """
 
     sample_rate: int | None = None
     max_seconds: float | None = None
     segment: str = "drop"
+    resampler: str | None = None
 
     def __post_init__(self) -> None:
         rate: Any = self.sample_rate
@@ -160,6 +169,7 @@ class AudioOptions:
             raise ValueError(f"segment must be one of {', '.join(SEGMENT_POLICIES)}, not {self.segment!r}")
         if self.segment == "split" and self.max_seconds is None:
             raise ValueError("segment='split' needs max_seconds (the length of each segment)")
+        object.__setattr__(self, "resampler", check_resampler(self.resampler))
 
     def identity(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,12 +223,67 @@ def _open_av(path: str) -> Any:
 # --------------------------------------------------------------------------------------------- audio
 
 
+@functools.cache
+def torchaudio_problem() -> str | None:
+    """Why torchaudio cannot resample here (not installed, or a build that does not load with this torch); None
+    when it can. A torchaudio build loads only with the torch release it was built for."""
+    try:
+        from torchaudio.transforms import Resample  # noqa: F401
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "torchaudio":
+            return "torchaudio is not installed"
+        return f"torchaudio does not load with torch {torch.__version__}: {str(exc).splitlines()[0]}"
+    except OSError as exc:  # libtorchaudio.so built against another torch: undefined symbol
+        return f"torchaudio does not load with torch {torch.__version__}: {str(exc).splitlines()[0]}"
+    return None
+
+
+def default_resampler() -> str:
+    """``"torchaudio"`` when a build matching torch loads, else ``"swr"`` (PyAV's libswresample, always there)."""
+    return "swr" if torchaudio_problem() else "torchaudio"
+
+
+def check_resampler(name: str | None) -> str:
+    """The resampler to use: ``None``/``"auto"`` resolved by :func:`default_resampler`; an unusable one refused."""
+    if name is None or name == "auto":
+        return default_resampler()
+    if name not in RESAMPLERS:
+        raise ValueError(f"resampler must be one of auto, {', '.join(RESAMPLERS)}, not {name!r}")
+    if name == "torchaudio" and (problem := torchaudio_problem()):
+        raise ValueError(f"resampler 'torchaudio' cannot run: {problem} (use --resampler swr)")
+    return name
+
+
 @functools.lru_cache(maxsize=16)
-def _resampler(orig: int, new: int) -> Any:
+def _torchaudio_resampler(orig: int, new: int) -> Any:
     """torchaudio's windowed-sinc resampler with its kernel built once per rate pair (building it dominates)."""
     from torchaudio.transforms import Resample
 
     return Resample(orig, new)
+
+
+def _swr_resample(wave: np.ndarray, orig: int, new: int) -> np.ndarray:
+    """libswresample through PyAV, flushed, to the same length as torchaudio's: ``ceil(n * new / orig)``."""
+    import av
+
+    frame = av.AudioFrame.from_ndarray(wave[None, :], format="fltp", layout="mono")
+    frame.sample_rate = orig
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=new)
+    out = [f.to_ndarray()[0] for f in [*resampler.resample(frame), *resampler.resample(None)]]
+    size = math.ceil(len(wave) * new / orig)
+    got = np.concatenate(out) if out else np.zeros(0, np.float32)
+    # A clip shorter than the filter (a few samples) comes back short or empty: zero-pad like the encoders do.
+    return np.pad(got[:size], (0, max(0, size - len(got))))
+
+
+def resample(wave: torch.Tensor, orig: int, new: int, resampler: str) -> torch.Tensor:
+    """Mono float32 ``wave`` from ``orig`` Hz to ``new`` Hz with the named resampler (:data:`RESAMPLERS`)."""
+    if orig == new:
+        return wave
+    if resampler == "torchaudio":
+        with torch.inference_mode():
+            return _torchaudio_resampler(orig, new)(wave).clone()  # clone: a normal tensor for workers
+    return torch.from_numpy(_swr_resample(np.ascontiguousarray(wave.numpy(), dtype=np.float32), orig, new))
 
 
 def _declared_seconds(stream: Any) -> float | None:
@@ -228,13 +293,17 @@ def _declared_seconds(stream: Any) -> float | None:
 
 
 def load_audio(
-    path: str | os.PathLike[str], sample_rate: int, *, max_seconds: float | None = None
+    path: str | os.PathLike[str],
+    sample_rate: int,
+    *,
+    max_seconds: float | None = None,
+    resampler: str | None = None,
 ) -> torch.Tensor:
     """Decode the first audio stream of any file PyAV reads to mono float32 ``[samples]`` at ``sample_rate``.
 
     Works for audio files (wav, flac, ogg, mp3, m4a, ...) and the audio track of video files. Channels are
-    averaged (mono = mean of all channels), then the signal is resampled with ``torchaudio``'s windowed-sinc
-    resampler (output length ``ceil(n * sample_rate / native_rate)``). Samples a codec pads after the end (AAC
+    averaged (mono = mean of all channels), then the signal is resampled by ``resampler`` (:data:`RESAMPLERS`;
+    ``None`` = :func:`default_resampler`; output length ``ceil(n * sample_rate / native_rate)`` for both). Samples a codec pads after the end (AAC
     frames) are cut at the stream's declared duration. ``max_seconds`` stops decoding early and returns at most
     ``round(max_seconds * sample_rate)`` samples. Raises :class:`MediaError` for a missing, empty or undecodable
     file, a file with no audio stream, or one that yields no samples.
@@ -244,6 +313,7 @@ def load_audio(
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
         raise ValueError(f"sample_rate must be a positive integer, not {sample_rate!r}")
     _positive("max_seconds", max_seconds)
+    resampler = check_resampler(resampler)
     path = _check_file(path)
     chunks: list[np.ndarray] = []
     n = 0
@@ -288,9 +358,7 @@ def load_audio(
     if limit is not None:
         wave = wave[:limit]
     tensor = torch.from_numpy(np.ascontiguousarray(wave))
-    if native != sample_rate:
-        with torch.inference_mode():
-            tensor = _resampler(native, sample_rate)(tensor).clone()  # clone: a normal tensor for workers
+    tensor = resample(tensor, native, sample_rate, resampler)
     if max_seconds is not None:
         tensor = tensor[: max(1, round(max_seconds * sample_rate))]
     return tensor.contiguous()
@@ -303,6 +371,7 @@ def load_audio_parts(
     max_seconds: float | None = None,
     segment: str = "drop",
     min_samples: int = 1,
+    resampler: str | None = None,
 ) -> list[torch.Tensor]:
     """:func:`load_audio` plus the long/short audio policy; one waveform per item to store.
 
@@ -311,8 +380,10 @@ def load_audio_parts(
     ``min_samples`` (the encoder's receptive field, e.g. 400 samples = 25 ms for wav2vec2) is padded with zeros
     at the end up to it, so a very short sound still gives one frame instead of failing.
     """
-    options = AudioOptions(sample_rate=sample_rate, max_seconds=max_seconds, segment=segment)
-    wave = load_audio(path, sample_rate, max_seconds=max_seconds if segment == "drop" else None)
+    options = AudioOptions(sample_rate=sample_rate, max_seconds=max_seconds, segment=segment, resampler=resampler)
+    wave = load_audio(
+        path, sample_rate, max_seconds=max_seconds if segment == "drop" else None, resampler=options.resampler
+    )
     if options.segment == "split" and max_seconds is not None:
         step = max(1, round(max_seconds * sample_rate))
         parts = [wave[i : i + step] for i in range(0, len(wave), step)]

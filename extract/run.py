@@ -140,12 +140,13 @@ def _media_options(
     sampling: str,
     fps: float | None,
     clips: int,
+    resampler: str | None = None,
 ) -> tuple[AudioOptions | None, VideoOptions | None]:
     """The decoding options of the modality asked for (validated now, before any work); None for the others."""
     try:
         if modality == "audio":
             rate: Any = sample_rate  # "auto", digits or an int: AudioOptions normalises it
-            return AudioOptions(sample_rate=rate, max_seconds=max_seconds, segment=segment), None
+            return AudioOptions(sample_rate=rate, max_seconds=max_seconds, segment=segment, resampler=resampler), None
         if modality == "video":
             return None, VideoOptions(frames=frames, sampling=sampling, fps=fps, clips=clips)
     except ValueError as exc:
@@ -327,6 +328,7 @@ def run_extraction(
     fps: float | None = None,
     clips: int = 1,
     frame_pool: str = "mean",
+    resampler: str | None = None,
 ) -> ExtractionResult:
     """Encode every item of ``manifest`` with a frozen encoder and write the tokens to a feature store.
 
@@ -337,8 +339,9 @@ def run_extraction(
     :class:`ExtractionError` at the first one. ``encoder_options`` are extra keyword arguments for plugins.
     ``progress`` enables the progress bar (only on a TTY) and the summary lines on stderr.
 
-    Audio (``docs/media.md``): ``sample_rate`` (None/"auto" = the encoder's), ``max_seconds`` and ``segment``
-    ("drop" the tail, or "split" into ``"{id}#seg{k}"`` items). Video: ``frames`` per clip, ``sampling``
+    Audio (``docs/media.md``): ``sample_rate`` (None/"auto" = the encoder's), ``max_seconds``, ``segment``
+    ("drop" the tail, or "split" into ``"{id}#seg{k}"`` items) and ``resampler`` (None/"auto": torchaudio when
+    it loads, else PyAV's libswresample). Video: ``frames`` per clip, ``sampling``
     ("uniform" or "fps" with ``fps``), ``clips`` (> 1: ``"{id}#clip{k}"`` items) and, when the encoder is an
     image encoder (per-frame mode), ``frame_pool`` ("mean" or "keep"). These options are part of the identity
     for their modality and ignored for the others; ``batch_size`` counts manifest items, so with segments or
@@ -349,7 +352,9 @@ def run_extraction(
     started = time.perf_counter()
     manifest = os.fspath(manifest)
     _check_args(modality, dtype, keep, pool, on_error, batch_size, workers)
-    audio, video = _media_options(modality, sample_rate, max_seconds, segment, frames, sampling, fps, clips)
+    audio, video = _media_options(
+        modality, sample_rate, max_seconds, segment, frames, sampling, fps, clips, resampler
+    )
     items = read_manifest(manifest)  # all validation before any model work
     _check_items_for_modality(manifest, items, modality)
 

@@ -15,11 +15,23 @@ from conftest import first_codec, gray_frame, sine, write_audio_file, write_vide
 
 from extract.encoders import EncoderError, HFAudioEncoder, encoder_identity, load_encoder
 from extract.manifest import read_manifest, write_manifest
-from extract.media import AudioOptions, MediaError, load_audio, load_audio_parts
+from extract.media import (
+    RESAMPLERS,
+    AudioOptions,
+    MediaError,
+    default_resampler,
+    load_audio,
+    load_audio_parts,
+    torchaudio_problem,
+)
 from extract.run import run_extraction
 from stores import FeatureStore
 
 RATE = 16000
+
+# Every resampler this environment can run: both where torchaudio loads, PyAV's alone where it is not installed.
+RUNNABLE = [pytest.param(r, marks=pytest.mark.skipif(r == "torchaudio" and torchaudio_problem() is not None,
+                                                    reason=str(torchaudio_problem()))) for r in RESAMPLERS]
 
 
 def _peak_hz(wave: torch.Tensor, rate: int = RATE) -> float:
@@ -42,15 +54,16 @@ FORMATS = [
 ]
 
 
+@pytest.mark.parametrize("resampler", RUNNABLE)
 @pytest.mark.parametrize(("suffix", "codecs", "rate", "channels"), FORMATS, ids=[f[0] for f in FORMATS])
 def test_formats_rates_and_channels_decode_to_16k_mono(
-    tmp_path: Path, suffix: str, codecs: tuple[str, ...], rate: int, channels: int
+    tmp_path: Path, suffix: str, codecs: tuple[str, ...], rate: int, channels: int, resampler: str
 ) -> None:
     codec = first_codec(*codecs)
     x = sine(1.0, rate)
     signal = np.stack([x, x]) if channels == 2 else x
     path = write_audio_file(tmp_path / f"a.{suffix}", signal, rate, codec)
-    wave = load_audio(path, RATE)
+    wave = load_audio(path, RATE, resampler=resampler)
     assert wave.dtype == torch.float32 and wave.dim() == 1
     # Resampled to exactly ceil(n * 16000 / rate) = 16000; lossy codecs' padding is cut at the declared end.
     # FFmpeg's experimental Vorbis encoder (used when libvorbis is missing) declares its last block's padding
@@ -79,14 +92,41 @@ def test_stereo_downmix_is_the_channel_mean(tmp_path: Path) -> None:
     assert _rms(load_audio(left_only, 22050)) == pytest.approx(_rms(torch.from_numpy(x)) / 2, rel=1e-3)
 
 
-def test_resampling_keeps_the_signal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("resampler", RUNNABLE)
+def test_resampling_keeps_the_signal(tmp_path: Path, resampler: str) -> None:
     x = sine(1.0, 44100, freq=1000)
     path = write_audio_file(tmp_path / "a.wav", x, 44100, "pcm_s16le")
-    wave = load_audio(path, RATE)
+    wave = load_audio(path, RATE, resampler=resampler)
     reference = torch.from_numpy(sine(1.0, RATE, freq=1000))
     assert len(wave) == RATE
     assert (wave[100:-100] - reference[100:-100]).abs().max() < 2e-3  # band-limited sine: resampling is ~exact
-    assert len(load_audio(path, 8000)) == 8000 and len(load_audio(path, 48000)) == 48000
+    for rate in (8000, 48000):
+        assert len(load_audio(path, rate, resampler=resampler)) == rate
+    # A clip shorter than the resampling filter keeps torchaudio's length convention, ceil(n * new / old).
+    tiny = write_audio_file(tmp_path / "tiny.wav", x[:5], 44100, "pcm_s16le")
+    assert len(load_audio(tiny, RATE, resampler=resampler)) == 2
+
+
+def test_resampler_choice_follows_torchaudio_and_is_checked() -> None:
+    import importlib.util
+
+    installed = importlib.util.find_spec("torchaudio") is not None
+    assert default_resampler() == ("torchaudio" if installed and torchaudio_problem() is None else "swr")
+    assert AudioOptions().resampler == default_resampler() == AudioOptions(resampler="auto").resampler
+    assert AudioOptions(resampler="swr").resampler == "swr"
+    with pytest.raises(ValueError, match="resampler must be one of"):
+        AudioOptions(resampler="sox")
+    if torchaudio_problem() is not None:
+        with pytest.raises(ValueError, match="use --resampler swr"):
+            AudioOptions(resampler="torchaudio")
+
+
+@pytest.mark.skipif(torchaudio_problem() is not None, reason="needs both resamplers")
+def test_both_resamplers_give_the_same_signal(tmp_path: Path) -> None:
+    path = write_audio_file(tmp_path / "a.flac", np.stack([sine(1.0, 22050, freq=300), sine(1.0, 22050)]),
+                            22050, "flac")
+    swr, sinc = load_audio(path, RATE, resampler="swr"), load_audio(path, RATE, resampler="torchaudio")
+    assert swr.shape == sinc.shape and (swr[100:-100] - sinc[100:-100]).abs().max() < 1e-3
 
 
 def test_long_audio_drop_split_and_short_audio_padding(tmp_path: Path) -> None:
@@ -196,7 +236,9 @@ def test_split_segments_are_items_with_derived_ids(tiny_audio_model: str, tmp_pa
     assert store.refs == ["cap-1", "cap-1", "cap-1", "cap-2"]
     assert store.labels == ["speech", "speech", "speech", None]
     assert store.lengths.tolist() == [24, 24, 9, 14]  # 8000, 8000, 3200 and 4800 samples
-    assert split.identity["media"] == {"sample_rate": None, "max_seconds": 0.5, "segment": "split"}
+    assert split.identity["media"] == {
+        "sample_rate": None, "max_seconds": 0.5, "segment": "split", "resampler": default_resampler(),
+    }
     assert split.identity["encoder"]["preprocess"]["sample_rate"] == 16000  # "auto": the extractor's rate
 
     # A segment is encoded exactly as that stretch of audio alone.
@@ -213,6 +255,13 @@ def test_split_segments_are_items_with_derived_ids(tiny_audio_model: str, tmp_pa
                           progress=False)
     assert rate.key != drop.key and rate.identity["encoder"]["preprocess"]["sample_rate"] == 8000
     assert FeatureStore.open(rate.store).lengths.tolist() == [12, 7]  # 4000 and 2400 samples at 8 kHz
+    # Caches made by different resamplers never mix: the one that ran is in the identity and the key.
+    other = "swr" if default_resampler() == "torchaudio" else "torchaudio"
+    if other == "swr" or torchaudio_problem() is None:
+        swr = run_extraction(manifest, "audio", tiny_audio_model, template, max_seconds=0.5, sample_rate=8000,
+                             resampler=other, progress=False)
+        assert swr.key != rate.key and swr.identity["media"]["resampler"] == other
+        assert swr.identity["encoder"]["preprocess"]["resampler"] == other
 
 
 def test_group_norm_model_batches_without_padding_effects(tmp_path: Path) -> None:
