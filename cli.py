@@ -64,7 +64,21 @@ def friendly_errors(command):
     return wrapper
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from pipeline.doctor import versions
+
+    found = versions()
+    deps = ", ".join(f"{name} {version or 'not installed'}" for name, version in found.items()
+                     if name != "oneencoder-cache")
+    click.echo(f"oneencoder-cache {found['oneencoder-cache'] or '(not installed)'} ({deps})")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="the project's version and its dependencies' (from their metadata), then exit")
 def main() -> None:
     """Align modalities with frozen encoders: extract features once, train projection heads from the cache."""
 
@@ -958,6 +972,20 @@ def bench(quick, out, device) -> None:
     from pipeline.bench import run_bench
 
     run_bench("quick" if quick else "full", out, device=device, echo=click.echo)
+
+
+
+# ---- environment -------------------------------------------------------------------------------------------------
+@main.command()
+def doctor() -> None:
+    """Check that torch, torchaudio, transformers, zarr, tensorstore and PyAV load and work here; exit 1 if not."""
+    from pipeline.doctor import run_checks
+
+    checks = run_checks()
+    for check in checks:
+        click.echo(check.line())
+    if not all(check.ok for check in checks):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
