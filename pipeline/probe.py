@@ -236,6 +236,8 @@ def classify(
         "modality": train.modality,
         "train_store": str(train.path),
         "test_store": str(test.path),
+        "train_store_key": train.key,
+        "test_store_key": test.key,
         "train_items": len(train),
         "test_items": len(test),
         "dim": int(len(mean)),
