@@ -73,11 +73,6 @@ class Pairs:
         return np.unique(self.anchor)
 
     @property
-    def partners(self) -> np.ndarray:
-        """Distinct partner indices, sorted."""
-        return np.unique(self.partner)
-
-    @property
     def groups(self) -> np.ndarray:
         """The group label of each pair (the anchor index where no groups were given)."""
         return self.anchor if self.group is None else self.group

@@ -157,8 +157,16 @@ def evaluation_tables(rows: list[dict], names: list[str]) -> list[dict]:
                 "task": evaluation["task"], "set": evaluation["set"], "stores": evaluation["stores"],
                 "conditions": evaluation["conditions"], "columns": [], "rows": []})
             table["columns"] += [c for c in evaluation["values"] if c not in table["columns"]]
-            table["rows"].append({"run": name, "stores": evaluation["stores"], "values": evaluation["values"],
-                                  "source": evaluation["source"]})
+            sources = {column: evaluation["source"] for column in evaluation["values"]}
+            # A run's reports on one set share its row (a probe on aligned and on raw features) unless they repeat
+            # a column, which then gets a row of its own.
+            row_of_run = next((r for r in table["rows"] if r["run"] == name and not set(r["values"]) & set(sources)),
+                              None)
+            if row_of_run is None:
+                table["rows"].append({"run": name, "stores": evaluation["stores"], "values": {}, "sources": {}})
+                row_of_run = table["rows"][-1]
+            row_of_run["values"].update(evaluation["values"])
+            row_of_run["sources"].update(sources)
     ordered = sorted(tables.values(), key=lambda t: TASKS.index(t["task"]))  # stable: sets in the order found
     for task in TASKS:
         of_task = [t for t in ordered if t["task"] == task]

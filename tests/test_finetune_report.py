@@ -255,7 +255,7 @@ def test_report_puts_two_runs_side_by_side(runs, tmp_path, single_thread):
     assert table["columns"] == [f"{d} R@{k}" for d in ("image->text", "text->image") for k in (1, 5, 10)]
     for table_row, name in zip(table["rows"], ("add", "attention"), strict=True):
         saved = json.loads(Path(retrieval[name]["report_path"]).read_text())
-        assert table_row["run"] == f"run-{name}" and table_row["source"] == retrieval[name]["report_path"]
+        assert table_row["run"] == f"run-{name}" and set(table_row["sources"].values()) == {retrieval[name]["report_path"]}
         for direction in ("image->text", "text->image"):
             for k in (1, 5, 10):
                 assert table_row["values"][f"{direction} R@{k}"] == saved["metrics"][direction][f"R@{k}"]
