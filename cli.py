@@ -778,7 +778,8 @@ def eval_fine_tune(run_dir, train_store, test_store, epochs, lr, batch_size, wei
                    out_dir) -> None:
     """The paper's fine-tuning protocol: the run's head (UP + the modality's adapter) trains with a linear
     classifier on its aligned embedding, from cached tokens (encoders frozen); test accuracy per epoch. The
-    fine-tuned weights go to OUT/fine-tune-<test store>/, never over the run's own model."""
+    fine-tuned weights go to OUT/fine-tune-<test store>-<key>--train-<train store>-<key>/, never over the run's own
+    model."""
     from pipeline.probe import fine_tune
 
     _print_classification(fine_tune(train_store, test_store, run_dir, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -7,8 +7,8 @@ added with fit-al); then one table per task and **evaluation set**, one column p
 
 - retrieval (``retrieval-A-B--STORE-KEY--STORE-KEY.json``): R@1, R@5, R@10 of each direction (``image->text R@1``);
 - zero-shot (``zero-shot--STORE-KEY--PROMPTS-CLASSES.json``): top-1 accuracy;
-- linear probe / fine-tune (``linear-probe[-raw]-STORE.json``, ``fine-tune-STORE.json``): the final test top-1
-  (the number to quote; the best checkpoint is selected on the test set).
+- linear probe / fine-tune (``linear-probe[-raw]-TEST-KEY--train-TRAIN-KEY.json``, ``fine-tune-...``): the final
+  test top-1 (the number to quote; the best checkpoint is selected on the test set).
 
 An evaluation set is the stores a figure was computed on, by identity key (plus, for zero-shot, the classes and the
 prompts): figures of different sets are put in different tables, never in one column, and every row names the

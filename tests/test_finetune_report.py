@@ -107,18 +107,21 @@ def test_fine_tune_beats_chance_trains_the_head_and_leaves_the_run_untouched(run
     assert "fine tune on" in result.stdout and "weights:" in result.stdout
     assert _hashes(run) == before, "fine-tuning wrote into the run's own files"
 
-    report = json.loads((run / "eval" / "fine-tune-ft-test.json").read_text())
+    report_path = Path(result.stdout.split("report: ")[1].splitlines()[0])
+    assert report_path.parent == run / "eval" and report_path.name.startswith("fine-tune-ft-test-")
+    assert "--train-ft-train-" in report_path.name  # named by both stores
+    report = json.loads(report_path.read_text())
     assert report["task"] == "fine-tune" and report["modality"] == "image"
     assert [c["epoch"] for c in report["checkpoints"]] == [1, 2, 3, 4, 5, 6]  # accuracy every epoch
     assert report["chance_top1"] == 0.25 and report["final"]["top1"] >= 0.9
     assert "adapters.image" in report["trained"] and "adapters.text" not in report["trained"]
-    table = (run / "eval" / "fine-tune-ft-test.md").read_text()
+    table = report_path.with_suffix(".md").read_text()
     assert table.startswith("# Fine-tune:") and "| 6 |" in table
 
     # The fine-tuned head is a run bundle of its own: the image path changed, the text adapter (never reached by
     # image items) did not, and head + classifier reproduce the reported final accuracy.
     bundle = Path(report["weights"])
-    assert bundle == run / "eval" / "fine-tune-ft-test"
+    assert bundle == report_path.with_suffix("")
     original, tuned = load_file(str(run / "model.safetensors")), load_file(str(bundle / "model.safetensors"))
     assert set(original) == set(tuned)
     changed = {k for k in original if not torch.equal(original[k], tuned[k])}
@@ -203,7 +206,7 @@ def test_text_classification_end_to_end(tiny_text_model, tmp_path, single_thread
     assert probe["modality"] == "text" and probe["classes"] == [0, 1] and probe["test_items"] == 24
     assert probe["space"].startswith("aligned embeddings") and probe["dim"] == 32
     assert probe["checkpoints"][-1]["train"]["top1"] >= 0.9 and probe["final"]["top1"] >= 0.9
-    assert (run / "eval" / "linear-probe-sst2-dev.md").is_file()
+    assert Path(probe["markdown_path"]).is_file() and Path(probe["markdown_path"]).name.startswith("linear-probe-sst2-dev-")
 
     before = _hashes(run)
     tuned = fine_tune(stores["train"], stores["dev"], run, epochs=8, batch_size=16, lr=3e-3)
