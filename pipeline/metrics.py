@@ -41,24 +41,25 @@ def ranks_of_first_match(similarity: torch.Tensor, relevant: torch.Tensor) -> np
     return (better + 1).cpu().numpy()
 
 
-def _ranked_hits(similarity: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
-    """``relevant`` of each row in ranked order: descending score, irrelevant before relevant among equal scores."""
-    irrelevant_first = torch.argsort(relevant.to(torch.uint8), dim=1, stable=True)
-    by_score = torch.argsort(similarity.gather(1, irrelevant_first), dim=1, descending=True, stable=True)
-    return relevant.gather(1, irrelevant_first.gather(1, by_score))
-
-
 def _query_stats(similarity: torch.Tensor, relevant: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per query: rank of the first relevant item, average precision, and recall@1."""
-    if not bool(relevant.any(1).all()):
+    """Per query: rank of the first relevant item, average precision, and recall@1.
+
+    The i-th relevant item in ranked order (ties against the query) has rank ``i`` + the irrelevant items scoring
+    at least as well as it, so one sort of the irrelevant scores and a binary search per relevant item give every
+    rank (no sort of the whole gallery with its indices)."""
+    count = relevant.sum(1)
+    if not bool((count > 0).all()):
         raise ValueError("every query needs at least one relevant target")
-    hits = _ranked_hits(similarity, relevant)
-    count = hits.sum(1)
-    positions = torch.arange(1, hits.shape[1] + 1, device=hits.device, dtype=torch.float64)
-    precision = hits.cumsum(1, dtype=torch.float64) / positions
-    ap = (precision * hits).sum(1) / count
-    first = hits.to(torch.uint8).argmax(1) + 1  # argmax returns the first maximal position
-    return first.cpu().numpy(), ap.cpu().numpy(), (hits[:, 0] / count).cpu().numpy()
+    lowest = torch.tensor(-torch.inf, dtype=similarity.dtype, device=similarity.device)
+    irrelevant_sorted = torch.where(relevant, lowest, similarity).sort(dim=1).values  # ascending; relevant = -inf
+    relevant_scores = torch.where(relevant, similarity, lowest).topk(int(count.max()), dim=1).values  # descending
+    at_least = similarity.shape[1] - torch.searchsorted(irrelevant_sorted, relevant_scores.contiguous(), side="left")
+    i = torch.arange(1, relevant_scores.shape[1] + 1, device=similarity.device, dtype=torch.float64)
+    ranks = i + at_least  # [queries, most relevant]; columns past a query's count are padding
+    valid = i <= count[:, None]
+    ap = torch.where(valid, i / ranks, 0.0).sum(1) / count
+    first = ranks[:, 0].long()
+    return first.cpu().numpy(), ap.cpu().numpy(), ((first == 1).double() / count).cpu().numpy()
 
 
 def average_precision(similarity: torch.Tensor, relevant: torch.Tensor) -> np.ndarray:
