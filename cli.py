@@ -794,7 +794,8 @@ def eval_fine_tune(run_dir, train_store, test_store, epochs, lr, batch_size, wei
                    out_dir) -> None:
     """The paper's fine-tuning protocol: the run's head (UP + the modality's adapter) trains with a linear
     classifier on its aligned embedding, from cached tokens (encoders frozen); test accuracy per epoch. The
-    fine-tuned weights go to OUT/fine-tune-<test store>/, never over the run's own model."""
+    fine-tuned weights go to OUT/fine-tune-<test store>-<key>--train-<train store>-<key>/, never over the run's own
+    model."""
     from pipeline.probe import fine_tune
 
     _print_classification(fine_tune(train_store, test_store, run_dir, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -808,8 +809,9 @@ def eval_fine_tune(run_dir, train_store, test_store, epochs, lr, batch_size, wei
               help="folder for report.md, report.json and the PNG plots")
 @friendly_errors
 def report(run_dirs, out) -> None:
-    """Several runs side by side: one row per run (head, fusion, key options), one column per metric of their
-    eval reports (retrieval R@k, zero-shot, linear probe, fine-tune); loss, temperature and recall@k plots."""
+    """Several runs side by side: one row per run (head, fusion, key options), then one table per task and set of
+    stores evaluated on (by identity key), one column per metric of their eval reports (retrieval R@k, zero-shot,
+    linear probe, fine-tune); figures of different stores never share a column. Loss, temperature, recall@k plots."""
     from pipeline.report import compare_runs
 
     result = compare_runs(run_dirs, out)

@@ -242,10 +242,9 @@ def _validate(image_enc: Any, text_enc: Any, model: nn.Module, images: list[Item
         return {}
     for module in (image_enc.model, text_enc.model, model):
         module.eval()
-    anchors = pairs.anchors
-    row_of = {int(a): i for i, a in enumerate(anchors)}
-    a = _embed(image_enc, model, "image", [images[i] for i in anchors], device, batch_size)
-    b = _embed(text_enc, model, "text", [texts[j] for j in pairs.partner], device, batch_size)
-    metrics = bidirectional_retrieval(a, b, np.asarray([row_of[int(x)] for x in pairs.anchor]), "image", "text")
+    relevance = pairs.relevance()
+    a = _embed(image_enc, model, "image", [images[i] for i in relevance.anchors], device, batch_size)
+    b = _embed(text_enc, model, "text", [texts[j] for j in relevance.partners], device, batch_size)
+    metrics = bidirectional_retrieval(a, b, relevance, "image", "text")
     metrics["rsum"] = sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
     return metrics

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import json
+import re
+from pathlib import Path, PurePosixPath
 
-import numpy as np
 import torch
 
 from pipeline.embed import embed_store
@@ -21,40 +23,53 @@ class EvaluationError(ValueError):
 
 
 def evaluate_retrieval(run_dir: Path | str, store_a: Path | str, store_b: Path | str, device: str = "cpu") -> dict:
-    """R@1/5/10, median and mean rank both ways between two aligned modalities (pairs from ``ref`` or ids)."""
+    """R@1/5/10, P@1, recall@1, mAP, median and mean rank both ways between two aligned modalities.
+
+    Pairs come from ``ref`` or ids (:func:`pair_stores`); each distinct item is embedded and ranked once, and a
+    query's relevant items are all those it is paired with (many-to-many: the two spoken and the two written
+    captions of one image are all relevant to each other). Definitions: :mod:`pipeline.metrics`."""
     run = RunDir(run_dir)
     model, _, config = run.load_model(device)
     a, b = FeatureStore.open(store_a), FeatureStore.open(store_b)
     for store in (a, b):
         check_compatible(config, store.modality, store)
-    pairs = pair_stores(a, b)
-    anchors = pairs.anchors
-    row_of = {int(x): i for i, x in enumerate(anchors)}
-    emb_a = embed_store(model, a.modality, a, anchors, device=device, progress=True)  # bars only on a TTY
-    emb_b = embed_store(model, b.modality, b, pairs.partner, device=device, progress=True)
-    metrics = bidirectional_retrieval(emb_a, emb_b, np.asarray([row_of[int(x)] for x in pairs.anchor]),
-                                      a.modality, b.modality)
+    relevance = pair_stores(a, b).relevance()
+    emb_a = embed_store(model, a.modality, a, relevance.anchors, device=device, progress=True)  # bars only on a TTY
+    emb_b = embed_store(model, b.modality, b, relevance.partners, device=device, progress=True)
+    metrics = bidirectional_retrieval(emb_a, emb_b, relevance, a.modality, b.modality)
+    chance_ab, chance_ba = relevance.chance_at_1()
     report = {"task": "retrieval", "run": str(run.path), "stores": {a.modality: str(a.path), b.modality: str(b.path)},
-              "pairs": len(pairs), "metrics": metrics,
-              # R@1 of a random ranking: any of an anchor's partners counts; a partner has one anchor.
-              "chance_R@1": {f"{a.modality}->{b.modality}": len(pairs) / len(anchors) / len(pairs),
-                             f"{b.modality}->{a.modality}": 1 / len(anchors)}}
-    _write(run, f"retrieval-{a.modality}-{b.modality}", report, retrieval_markdown)
+              "store_keys": {a.modality: a.key, b.modality: b.key},
+              "items": {a.modality: len(relevance.anchors), b.modality: len(relevance.partners)},
+              "pairs": len(relevance.anchor_pos), "metrics": metrics,
+              "chance_R@1": {f"{a.modality}->{b.modality}": chance_ab, f"{b.modality}->{a.modality}": chance_ba}}
+    _write(run, f"retrieval-{a.modality}-{b.modality}--{report_stem(a)}--{report_stem(b)}", report,
+           retrieval_markdown)
     return report
+
+
+def report_stem(store: FeatureStore) -> str:
+    """A store in a report's file name: its folder name and the first 8 digits of its cache key, so that reports
+    computed on different stores never share a file and one computed again on the same store replaces its own."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", PurePosixPath(str(store.path).rstrip("/")).name) or "store"
+    return f"{name}-{store.key[:8]}"
 
 
 def _write(run: RunDir, name: str, report: dict, markdown) -> None:
     """``RUN/eval/<name>.json`` and a Markdown table beside it; their paths go into the returned report."""
     report["markdown_path"] = str(run.path / "eval" / f"{name}.md")
-    report["report_path"] = str(run.write_report(name, report))
+    report["report_path"] = str(run.path / "eval" / f"{name}.json")
+    run.write_report(name, report)
     atomic_write_text(Path(report["markdown_path"]), markdown(report))
 
 
 def retrieval_markdown(report: dict) -> str:
     """A retrieval report as a Markdown table, one row per direction."""
-    stores = ", ".join(f"{m}: {p}" for m, p in report["stores"].items())
+    keys = report.get("store_keys", {})
+    stores = ", ".join(f"{m}: {p} (key {keys.get(m, 'not recorded')})" for m, p in report["stores"].items())
+    items = ", ".join(f"{n} {m}" for m, n in report.get("items", {}).items())
     lines = [f"# Retrieval: {' <-> '.join(report['stores'])}", "", f"- run: {report['run']}", f"- stores: {stores}",
-             f"- {report['pairs']} pairs", "",
+             f"- {report['pairs']} relevant pairs" + (f" between {items} items" if items else ""), "",
              "| direction | R@1 | R@5 | R@10 | P@1 | recall@1 | mAP | median rank | mean rank | queries | chance R@1 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for direction, m in report["metrics"].items():
@@ -133,13 +148,18 @@ def evaluate_zero_shot(
         clip_emb = embed_store(model, clips.modality, clips, device=device, progress=True)
         sums = torch.zeros(len(classes), clip_emb.shape[1]).index_add_(0, clip_classes, clip_emb)
         class_emb = torch.nn.functional.normalize(sums, dim=-1)
-        source = {"template": None, "prompt_store": str(clips.path), "prompt_modality": clips.modality,
-                  "prompt_items": len(clips)}
+        source = {"template": None, "prompt_store": str(clips.path), "prompt_store_key": clips.key,
+                  "prompt_modality": clips.modality, "prompt_items": len(clips)}
     image_emb = embed_store(model, images.modality, images, device=device, progress=True)
     accuracy = topk_accuracy(image_emb @ class_emb.T, targets)
-    report = {"task": "zero-shot", "run": str(run.path), "store": str(images.path), "classes": classes,
-              **source, "items": len(images), "accuracy": accuracy, "chance_top1": 1 / len(classes)}
-    _write(run, "zero-shot", report, zero_shot_markdown)
+    report = {"task": "zero-shot", "run": str(run.path), "store": str(images.path), "store_key": images.key,
+              "classes": classes, **source, "items": len(images), "accuracy": accuracy,
+              "chance_top1": 1 / len(classes)}
+    # Named by the image store, the prompts' source and the classes (with the template): what the figure measures.
+    prompts = "text" if prompt_store is None else report_stem(clips)
+    task_digest = hashlib.sha256(json.dumps([classes, template if prompt_store is None else None]).encode())
+    _write(run, f"zero-shot--{report_stem(images)}--{prompts}-{task_digest.hexdigest()[:8]}", report,
+           zero_shot_markdown)
     return report
 
 
@@ -148,6 +168,7 @@ def zero_shot_markdown(report: dict) -> str:
     ks = list(report["accuracy"])
     return "\n".join([
         f"# Zero-shot: {report['store']}", "", f"- run: {report['run']}",
+        f"- store key: {report.get('store_key', 'not recorded')}",
         f"- {report['items']} items, {len(report['classes'])} classes, prompts: "
         + (f"template {report['template']!r}" if report.get("template") else
            f"{report['prompt_modality']} store {report['prompt_store']} ({report['prompt_items']} items)"),

@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -79,12 +78,10 @@ def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> dict:
     if len(pairs) == 0:
         return {}
     device = stage.train.device
-    anchors = pairs.anchors
-    row_of = {int(a): i for i, a in enumerate(anchors)}
-    a = embed_store(model, stage.anchor, stage.anchor_store, anchors, device=device)
-    b = embed_store(model, stage.partner, stage.partner_store, pairs.partner, device=device)
-    a_of_b = np.asarray([row_of[int(x)] for x in pairs.anchor])
-    metrics = bidirectional_retrieval(a, b, a_of_b, stage.anchor, stage.partner)
+    relevance = pairs.relevance()  # each distinct item once; many-to-many relevance (pipeline/metrics.py)
+    a = embed_store(model, stage.anchor, stage.anchor_store, relevance.anchors, device=device)
+    b = embed_store(model, stage.partner, stage.partner_store, relevance.partners, device=device)
+    metrics = bidirectional_retrieval(a, b, relevance, stage.anchor, stage.partner)
     metrics["rsum"] = sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
     return metrics
 

@@ -1,9 +1,11 @@
 """Which items of two stores are pairs, the train/validation split, and the minibatches of an epoch.
 
 Pairs come from ``ref``: an item of one store names the id of its partner in the other (a caption's ``ref`` is its
-image), or two items name the same id; without refs, items pair by equal id (see :func:`pair_stores`). An anchor item (an image) may have several partners
-(captions); by default each epoch sees every anchor once with one partner drawn at random, so a minibatch never holds
-two captions of the same image (they would be counted as each other's negatives).
+image), or two items name the same id; without refs, items pair by equal id (see :func:`pair_stores`). An anchor item
+(an image) may have several partners (captions), and with shared refs a partner may have several anchors too (the
+spoken and the written captions of one image); by default each epoch sees every anchor once with one partner drawn at
+random, so a minibatch never holds two captions of the same image (they would be counted as each other's negatives).
+Retrieval ranks distinct items and reads the pairs as a many-to-many relevance (:meth:`Pairs.relevance`).
 """
 
 from __future__ import annotations
@@ -21,22 +23,66 @@ class PairingError(ValueError):
 
 
 @dataclass(frozen=True)
+class Relevance:
+    """Which distinct items of two stores are relevant to each other, for retrieval.
+
+    Rows are the distinct anchor items ``anchors`` (store indices, sorted), columns the distinct partner items
+    ``partners``; ``(anchor_pos[k], partner_pos[k])`` are the positions of the k-th relevant pair, each pair once.
+    Every row and every column has at least one relevant item on the other side."""
+
+    anchors: np.ndarray
+    partners: np.ndarray
+    anchor_pos: np.ndarray
+    partner_pos: np.ndarray
+
+    def dense(self) -> torch.Tensor:
+        """The relevance as a bool matrix ``[len(anchors), len(partners)]`` (for small sets: tests, sheets)."""
+        matrix = torch.zeros(len(self.anchors), len(self.partners), dtype=torch.bool)
+        matrix[torch.from_numpy(self.anchor_pos), torch.from_numpy(self.partner_pos)] = True
+        return matrix
+
+    def chance_at_1(self) -> tuple[float, float]:
+        """R@1 of a random ranking, anchors -> partners and partners -> anchors: the mean over queries of their
+        relevant items over the gallery size."""
+        per_anchor = np.bincount(self.anchor_pos, minlength=len(self.anchors))
+        per_partner = np.bincount(self.partner_pos, minlength=len(self.partners))
+        return float(per_anchor.mean() / len(self.partners)), float(per_partner.mean() / len(self.anchors))
+
+
+@dataclass(frozen=True)
 class Pairs:
-    """Index pairs ``(anchor[k], partner[k])`` into an anchor store and a partner store."""
+    """Index pairs ``(anchor[k], partner[k])`` into an anchor store and a partner store.
+
+    ``group[k]`` labels the connected group of items the pair belongs to (an image and all its captions; every
+    spoken and written caption of one image): the train/validation split keeps a group on one side. ``None``: each
+    anchor with its partners is a group."""
 
     anchor: np.ndarray
     partner: np.ndarray
+    group: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.anchor)
 
     def subset(self, mask: np.ndarray) -> Pairs:
-        return Pairs(self.anchor[mask], self.partner[mask])
+        return Pairs(self.anchor[mask], self.partner[mask], None if self.group is None else self.group[mask])
 
     @property
     def anchors(self) -> np.ndarray:
         """Distinct anchor indices, sorted."""
         return np.unique(self.anchor)
+
+    @property
+    def groups(self) -> np.ndarray:
+        """The group label of each pair (the anchor index where no groups were given)."""
+        return self.anchor if self.group is None else self.group
+
+    def relevance(self) -> Relevance:
+        """The pairs as a relevance between distinct items: an item paired several times is one row or column."""
+        anchors, anchor_pos = np.unique(self.anchor, return_inverse=True)
+        partners, partner_pos = np.unique(self.partner, return_inverse=True)
+        unique = np.unique(np.stack([anchor_pos.ravel(), partner_pos.ravel()]), axis=1)
+        return Relevance(anchors, partners, unique[0].astype(np.int64), unique[1].astype(np.int64))
 
 
 def pair_stores(anchor: FeatureStore, partner: FeatureStore) -> Pairs:
@@ -52,7 +98,7 @@ def pair_stores(anchor: FeatureStore, partner: FeatureStore) -> Pairs:
     """
     rules = (
         lambda: _match(partner, anchor._index, lambda j, i: (i, j)),
-        lambda: _match(anchor, partner._index, lambda i, j: (i, j)),
+        lambda: _grouped_by_partner(_match(anchor, partner._index, lambda i, j: (i, j))),
         lambda: _shared_refs(anchor, partner),
     )
     for rule in rules:
@@ -93,6 +139,11 @@ def _match(referring: FeatureStore, target_index: dict[str, int], order) -> Pair
     return Pairs(np.asarray(anchor_idx), np.asarray(partner_idx))
 
 
+def _grouped_by_partner(pairs: Pairs | None) -> Pairs | None:
+    """Anchors that name one partner form one group with it (the captions of one image, when captions anchor)."""
+    return None if pairs is None else Pairs(pairs.anchor, pairs.partner, pairs.partner)
+
+
 def _shared_refs(anchor: FeatureStore, partner: FeatureStore) -> Pairs | None:
     if anchor.refs is None or partner.refs is None:
         return None
@@ -100,24 +151,27 @@ def _shared_refs(anchor: FeatureStore, partner: FeatureStore) -> Pairs | None:
     for j, ref in enumerate(partner.refs):
         if ref is not None:
             by_ref.setdefault(ref, []).append(j)
-    found = [(i, j) for i, ref in enumerate(anchor.refs) if ref is not None for j in by_ref.get(ref, [])]
+    group_of = {ref: g for g, ref in enumerate(sorted(by_ref))}
+    found = [(i, j, group_of[ref]) for i, ref in enumerate(anchor.refs) if ref is not None for j in by_ref.get(ref, [])]
     if not found:
         return None
-    anchor_idx, partner_idx = zip(*found, strict=True)
-    return Pairs(np.asarray(anchor_idx), np.asarray(partner_idx))
+    anchor_idx, partner_idx, group = zip(*found, strict=True)
+    return Pairs(np.asarray(anchor_idx), np.asarray(partner_idx), np.asarray(group))
 
 
 def split_by_anchor(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs, Pairs]:
-    """Split so that all partners of an anchor fall on the same side (no caption of a val image is trained on)."""
-    anchors = pairs.anchors
-    n_val = int(round(len(anchors) * val_fraction))
+    """Split so that every pair of a group falls on the same side (no caption of a val image is trained on, nor
+    a spoken caption of it when spoken and written captions pair through their shared image)."""
+    groups = np.unique(pairs.groups)
+    n_val = int(round(len(groups) * val_fraction))
     if val_fraction > 0 and n_val < 2:
         raise PairingError(
-            f"--val-fraction {val_fraction} leaves {n_val} validation anchors out of {len(anchors)}; need at least 2"
+            f"--val-fraction {val_fraction} leaves {n_val} validation anchors (or groups of items sharing a ref) out "
+            f"of {len(groups)}; need at least 2"
         )
     rng = np.random.default_rng(seed)
-    val_anchors = rng.choice(anchors, size=n_val, replace=False) if n_val else np.zeros(0, dtype=np.int64)
-    in_val = np.isin(pairs.anchor, val_anchors)
+    val_groups = rng.choice(groups, size=n_val, replace=False) if n_val else np.zeros(0, dtype=np.int64)
+    in_val = np.isin(pairs.groups, val_groups)
     return pairs.subset(~in_val), pairs.subset(in_val)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from safetensors.torch import save_file
 
 from pipeline.curate import class_indices, label_key, labels_of
 from pipeline.embed import embed_store
-from pipeline.evaluate import EvaluationError
+from pipeline.evaluate import EvaluationError, report_stem
 from pipeline.fit import optimiser_step
 from pipeline.metrics import topk_accuracy
 from pipeline.prefetch import prefetched
@@ -135,10 +134,6 @@ def _tensor_inputs(x: torch.Tensor) -> Callable[[np.ndarray], tuple]:
     return lambda idx: (x[torch.from_numpy(idx).to(x.device)],)
 
 
-def _safe_name(path: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.name)
-
-
 def classify(
     train_store: str | Path,
     test_store: str | Path,
@@ -160,11 +155,12 @@ def classify(
     fine-tuning).
 
     ``fine_tune=False``: the linear probe on frozen ``features``. ``fine_tune=True``: the run's head trains with
-    the classifier (``features`` must be ``aligned``); its weights go to ``OUT/fine-tune-<test store>/``, a run
+    the classifier (``features`` must be ``aligned``); its weights go to ``OUT/fine-tune-<stores>/``, a run
     bundle of its own (``config.json``, ``model.safetensors``) plus ``classifier.safetensors``.
 
-    Writes ``linear-probe-<test store>.json`` and ``.md`` (``linear-probe-raw-...`` for raw features,
-    ``fine-tune-...`` when fine-tuning) into ``out_dir``, by default ``RUN/eval``. Returns the report.
+    Writes ``linear-probe-<test store>-<key>--train-<train store>-<key>.json`` and ``.md`` (``linear-probe-raw-...``
+    for raw features, ``fine-tune-...`` when fine-tuning) into ``out_dir``, by default ``RUN/eval``. Returns the
+    report.
     """
     task = "fine-tune" if fine_tune else "linear-probe"
     if features not in FEATURES:
@@ -236,6 +232,8 @@ def classify(
         "modality": train.modality,
         "train_store": str(train.path),
         "test_store": str(test.path),
+        "train_store_key": train.key,
+        "test_store_key": test.key,
         "train_items": len(train),
         "test_items": len(test),
         "dim": int(len(mean)),
@@ -251,7 +249,8 @@ def classify(
     }
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{task}-{'raw-' if features == 'raw' else ''}{_safe_name(test.path)}"
+    # Named by both stores (folder name and key prefix): another train or test store never replaces this report.
+    stem = f"{task}-{'raw-' if features == 'raw' else ''}{report_stem(test)}--train-{report_stem(train)}"
     if fine_tune:
         report["trainable_parameters"] = sum(p.numel() for p in params)
         report["trained"] = [*parameter_groups(model, trainable, train.modality), "classifier"]

@@ -3,15 +3,16 @@
 Everything comes from what the runs already hold (``config.json``, ``metrics.jsonl``, ``eval/*.json`` written by
 ``eval retrieval``, ``eval zero-shot``, ``eval linear-probe`` and ``eval fine-tune``); nothing is recomputed.
 One row per run, labelled from its config (head, fusion, width, blocks, loss, training settings, the modalities
-added with fit-al); one column per metric found in any run's reports:
+added with fit-al); then one table per task and **evaluation set**, one column per metric:
 
-- retrieval (``retrieval-A-B.json``): R@1, R@5, R@10 of each direction (``image->text R@1``);
-- zero-shot (``zero-shot.json``): top-1 accuracy, per image store;
-- linear probe / fine-tune (``linear-probe[-raw]-STORE.json``, ``fine-tune-STORE.json``): the final test top-1
-  (the number to quote; the best checkpoint is selected on the test set), per test store.
+- retrieval (``retrieval-A-B--STORE-KEY--STORE-KEY.json``): R@1, R@5, R@10 of each direction (``image->text R@1``);
+- zero-shot (``zero-shot--STORE-KEY--PROMPTS-CLASSES.json``): top-1 accuracy;
+- linear probe / fine-tune (``linear-probe[-raw]-TEST-KEY--train-TRAIN-KEY.json``, ``fine-tune-...``): the final
+  test top-1 (the number to quote; the best checkpoint is selected on the test set).
 
-A column names its store where the metric is per store, so two runs evaluated on different stores are never
-placed in one column. Writes ``report.md``, ``report.json`` and, with Pillow only, ``loss.png`` and
+An evaluation set is the stores a figure was computed on, by identity key (plus, for zero-shot, the classes and the
+prompts): figures of different sets are put in different tables, never in one column, and every row names the
+stores and keys its figures came from. Writes ``report.md``, ``report.json`` and, with Pillow only, ``loss.png`` and
 ``temperature.png`` (one line per run over its training epochs, every stage in order) and ``recall.png``
 (R@1/5/10 bars, one per run, fixed 0..1 scale).
 """
@@ -19,6 +20,7 @@ placed in one column. Writes ``report.md``, ``report.json`` and, with Pillow onl
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -70,36 +72,63 @@ def run_label(config: dict) -> str:
     return " ".join(parts)
 
 
-def _report_columns(report: dict) -> dict[tuple[str, str], float]:
-    """``{(task, column): value}`` of one evaluation report."""
+def _store(role: str, path: str, key: str | None) -> dict:
+    return {"role": role, "path": str(path), "name": Path(str(path).rstrip("/")).name, "key": key}
+
+
+def _evaluation(report: dict) -> dict:
+    """What one evaluation report measured and on what: ``task``, ``stores`` (role, path, name and identity key of
+    each store its figures were computed on; a report without the keys is refused),
+    ``conditions`` (zero-shot: the classes and the prompts), ``set`` (the identity of all that: figures are only
+    ever compared within one set) and ``values`` (``{column: value}``)."""
     task = report.get("task")
+    conditions: dict[str, Any] = {}
     if task == "retrieval":
-        return {("retrieval", f"{direction} R@{k}"): float(m[f"R@{k}"])
-                for direction, m in report["metrics"].items() for k in (1, 5, 10)}
-    if task == "zero-shot":
-        return {("zero-shot", f"top1 [{Path(report['store']).name}]"): float(report["accuracy"]["top1"])}
-    if task in ("linear-probe", "fine-tune"):
-        raw = " raw" if report.get("features") == "raw" else ""
-        return {(task, f"top1{raw} [{Path(report['test_store']).name}]"): float(report["final"]["top1"])}
-    raise KeyError(f"task {task!r} is not one of {', '.join(TASKS)}")
+        keys = report.get("store_keys", {})
+        stores = [_store(m, p, keys.get(m)) for m, p in report["stores"].items()]
+        values = {f"{direction} R@{k}": float(m[f"R@{k}"]) for direction, m in report["metrics"].items()
+                  for k in (1, 5, 10)}
+    elif task == "zero-shot":
+        stores = [_store("image", report["store"], report.get("store_key"))]
+        if report.get("prompt_store"):
+            stores.append(_store("prompts", report["prompt_store"], report.get("prompt_store_key")))
+        else:
+            conditions["template"] = report["template"]
+        digest = hashlib.sha256(json.dumps(report["classes"]).encode()).hexdigest()[:8]
+        conditions["classes"] = f"{len(report['classes'])} ({digest})"
+        values = {"top1": float(report["accuracy"]["top1"])}
+    elif task in ("linear-probe", "fine-tune"):
+        stores = [_store("train", report["train_store"], report.get("train_store_key")),
+                  _store("test", report["test_store"], report.get("test_store_key"))]
+        values = {"top1 raw" if report.get("features") == "raw" else "top1": float(report["final"]["top1"])}
+    else:
+        raise KeyError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    if any(s["key"] is None for s in stores):
+        raise ValueError("the report does not record the identity keys of its stores (written by an older version, "
+                         "whose retrieval figures were wrong for shared-ref pairings): run the evaluation again")
+    identity = [f"{s['role']}={s['key']}" for s in stores]
+    identity += [f"{name}={value}" for name, value in conditions.items()]
+    return {"task": task, "set": "; ".join(identity), "stores": stores, "conditions": conditions, "values": values}
+
+
+def stores_label(stores: list[dict], digits: int = 8) -> str:
+    """``image m2m-image@9af5d0db, text m2m-text@ef5c47ab``: each store's role, folder name and identity key."""
+    return ", ".join(f"{s['role']} {s['name']}@{s['key'][:digits]}" for s in stores)
 
 
 def collect_run(run_dir: Path | str) -> dict:
-    """One run's row: its label, settings, metrics from ``eval/*.json`` and curves from ``metrics.jsonl``."""
+    """One run's row: its label, settings, evaluations from ``eval/*.json`` and curves from ``metrics.jsonl``."""
     run = RunDir(run_dir)
     config = run.read_config()
-    metrics: dict[tuple[str, str], float] = {}
-    sources: dict[str, str] = {}
+    evaluations = []
     skipped = []
     for path in sorted((run.path / "eval").glob("*.json")):
         try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-            found = _report_columns(report)
+            evaluation = _evaluation(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, KeyError, TypeError) as err:  # another tool's JSON, a half-written or older report
             skipped.append({"file": str(path), "reason": f"{type(err).__name__}: {err}"})
             continue
-        metrics.update(found)
-        sources.update({f"{task}: {column}": str(path) for task, column in found})
+        evaluations.append({**evaluation, "source": str(path)})
     history = run.metrics()
     last = history[-1] if history else {}
     return {
@@ -111,12 +140,40 @@ def collect_run(run_dir: Path | str) -> dict:
         "epochs_trained": len(history),
         "final_loss": last.get("loss"),
         "final_temperature": last.get("temperature"),
-        "metrics": metrics,
-        "sources": sources,
+        "evaluations": evaluations,
         "skipped": skipped,
         "curves": {"stage": [r.get("stage") for r in history], "loss": [r.get("loss") for r in history],
                    "temperature": [r.get("temperature") for r in history]},
     }
+
+
+def evaluation_tables(rows: list[dict], names: list[str]) -> list[dict]:
+    """One table per task and evaluation set (the same stores by identity key, the same classes and prompts): rows
+    are the runs evaluated on that set, so figures computed on different stores never share a column."""
+    tables: dict[tuple[str, str], dict] = {}
+    for name, row in zip(names, rows, strict=True):
+        for evaluation in row["evaluations"]:
+            table = tables.setdefault((evaluation["task"], evaluation["set"]), {
+                "task": evaluation["task"], "set": evaluation["set"], "stores": evaluation["stores"],
+                "conditions": evaluation["conditions"], "columns": [], "rows": []})
+            table["columns"] += [c for c in evaluation["values"] if c not in table["columns"]]
+            sources = {column: evaluation["source"] for column in evaluation["values"]}
+            # A run's reports on one set share its row (a probe on aligned and on raw features) unless they repeat
+            # a column, which then gets a row of its own.
+            row_of_run = next((r for r in table["rows"] if r["run"] == name and not set(r["values"]) & set(sources)),
+                              None)
+            if row_of_run is None:
+                table["rows"].append({"run": name, "stores": evaluation["stores"], "values": {}, "sources": {}})
+                row_of_run = table["rows"][-1]
+            row_of_run["values"].update(evaluation["values"])
+            row_of_run["sources"].update(sources)
+    ordered = sorted(tables.values(), key=lambda t: TASKS.index(t["task"]))  # stable: sets in the order found
+    for task in TASKS:
+        of_task = [t for t in ordered if t["task"] == task]
+        for n, table in enumerate(of_task, 1):
+            table["title"] = TASK_TITLES[task] + (f", evaluation set {n} of {len(of_task)}" if len(of_task) > 1 else "")
+            table["label"] = f"set {n}" if len(of_task) > 1 else ""
+    return ordered
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -125,24 +182,30 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _set_description(table: dict) -> str:
+    stores = ", ".join(f"{s['role']} `{s['name']}` (key {s['key']})" for s in table["stores"])
+    conditions = "".join(f"; {name}: {value!r}" if name == "template" else f"; {name}: {value}"
+                         for name, value in table["conditions"].items())
+    return f"Computed on {stores}{conditions}."
+
+
 def report_markdown(report: dict) -> str:
-    """The comparison as Markdown: one table of runs, then one table per task (rows = runs, columns = metrics)."""
+    """The comparison as Markdown: one table of runs, then one table per task and evaluation set (rows = runs, each
+    naming the stores and identity keys its figures came from; columns = metrics)."""
     rows = report["runs"]
     lines = ["# Runs side by side", "", "| # | run | label | modalities | epochs | final loss | temperature |",
              "| ---: | --- | --- | --- | ---: | ---: | ---: |"]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {r['name']} | {r['label']} | {', '.join(r['modalities'])} | {r['epochs_trained']} | "
                      f"{_fmt(r['final_loss'])} | {_fmt(r['final_temperature'])} |")
-    for task in TASKS:
-        columns = report["columns"].get(task, [])
-        if not columns:
-            continue
-        lines += ["", f"## {TASK_TITLES[task]}", "", "| run | " + " | ".join(columns) + " |",
-                  "| --- |" + " ---: |" * len(columns)]
-        for r in rows:
-            values = [_fmt(r["metrics"].get(f"{task}: {c}")) for c in columns]
-            lines.append(f"| {r['name']} | " + " | ".join(values) + " |")
-    if not any(report["columns"].values()):
+    for table in report["tables"]:
+        columns = table["columns"]
+        lines += ["", f"## {table['title']}", "", _set_description(table), "",
+                  "| run | stores | " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * len(columns)]
+        for row in table["rows"]:
+            values = [_fmt(row["values"].get(c)) for c in columns]
+            lines.append(f"| {row['run']} | {stores_label(row['stores'])} | " + " | ".join(values) + " |")
+    if not report["tables"]:
         lines += ["", "No evaluation reports in these runs yet (RUN/eval/*.json): run `eval retrieval`, "
                       "`eval zero-shot`, `eval linear-probe` or `eval fine-tune` first."]
     skipped = [s for r in rows for s in r["skipped"]]
@@ -163,16 +226,10 @@ def compare_runs(run_dirs: Sequence[Path | str], out: Path | str) -> dict:
     if repeated:
         raise ReportError(f"run directories given more than once: {', '.join(repeated)}")
     rows = [collect_run(r) for r in run_dirs]
-    columns: dict[str, list[str]] = {}
-    for task in TASKS:  # columns in the order found (runs in order; R@1, R@5, R@10 of a direction together)
-        found = list(dict.fromkeys(column for r in rows for (t, column) in r["metrics"] if t == task))
-        if found:
-            columns[task] = found
-    for r in rows:  # JSON keys must be strings
-        r["metrics"] = {f"{task}: {column}": v for (task, column), v in r["metrics"].items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = _legend_names(rows)
+    tables = evaluation_tables(rows, names)
     plots: dict[str, str | None] = {}
     for key, title in (("loss", "training loss per epoch"), ("temperature", "temperature per epoch")):
         series = [(n, r["curves"][key]) for n, r in zip(names, rows, strict=True)
@@ -181,14 +238,19 @@ def compare_runs(run_dirs: Sequence[Path | str], out: Path | str) -> dict:
         if series:
             render_lines_png(series, out / f"{key}.png", title=title, xlabel="epoch (every stage, in order)")
             plots[key] = str(out / f"{key}.png")
-    recall_columns = columns.get("retrieval", [])
+    # One group of bars per column of each retrieval table: bars of different evaluation sets never share a group.
+    retrieval = [t for t in tables if t["task"] == "retrieval"]
+    recall_columns = [f"{t['label']}: {c}" if t["label"] else c for t in retrieval for c in t["columns"]]
     plots["recall"] = None
     if recall_columns:
-        values = [[r["metrics"].get(f"retrieval: {c}") for c in recall_columns] for r in rows]
+        def value(table: dict, name: str, column: str) -> float | None:
+            return next((row["values"].get(column) for row in table["rows"] if row["run"] == name), None)
+
+        values = [[value(t, n, c) for t in retrieval for c in t["columns"]] for n in names]
         render_bars_png(recall_columns, list(zip(names, values, strict=True)), out / "recall.png",
                         title="retrieval recall@k")
         plots["recall"] = str(out / "recall.png")
-    report = {"runs": rows, "columns": columns, "plots": plots, "out": str(out)}
+    report = {"runs": rows, "tables": tables, "plots": plots, "out": str(out)}
     report["report_path"], report["markdown_path"] = str(out / "report.json"), str(out / "report.md")
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", report_markdown(report))

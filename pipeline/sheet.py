@@ -97,15 +97,12 @@ def retrieval_sheet(
         check_compatible(config, modality, store)
 
     # The gallery of eval retrieval: every image with a caption, every caption of such an image.
-    pairs = pair_stores(images, texts)
-    anchors = pairs.anchors
-    row_of = {int(a): i for i, a in enumerate(anchors)}
-    image_of_caption = np.asarray([row_of[int(a)] for a in pairs.anchor])
+    relevance = pair_stores(images, texts).relevance()
+    anchors, captions = relevance.anchors, relevance.partners
     emb_images = embed_store(model, "image", images, anchors, device=device, progress=True)
-    emb_texts = embed_store(model, "text", texts, pairs.partner, device=device, progress=True)
+    emb_texts = embed_store(model, "text", texts, captions, device=device, progress=True)
     sim = emb_texts @ emb_images.T  # [captions, images]
-    relevant = torch.zeros_like(sim, dtype=torch.bool)
-    relevant[torch.arange(len(pairs)), torch.from_numpy(image_of_caption)] = True
+    relevant = relevance.dense().T
 
     image_items, image_problem = source_items(images)
     text_items, text_problem = source_items(texts)
@@ -118,7 +115,7 @@ def retrieval_sheet(
         return {"id": images.ids[index], "path": item.path if item is not None else None}
 
     def text_entry(position: int) -> dict:
-        index = int(pairs.partner[position])
+        index = int(captions[position])
         item = text_items.get(texts.ids[index]) if text_items else None
         return {"id": texts.ids[index], "text": item.text if item is not None else None}
 
@@ -126,7 +123,7 @@ def retrieval_sheet(
     for direction in directions:
         rng = np.random.default_rng([seed, DIRECTIONS.index(direction)])  # each direction draws its own queries
         if direction == "text->image":
-            picked = _rows(sim, relevant, _choose(len(pairs), queries, rng), k)
+            picked = _rows(sim, relevant, _choose(len(captions), queries, rng), k)
             query_entry, result_entry = text_entry, image_entry
         else:
             picked = _rows(sim.T, relevant.T, _choose(len(anchors), queries, rng), k)
@@ -140,7 +137,7 @@ def retrieval_sheet(
         "task": "retrieval-sheet", "run": str(run.path),
         "stores": {"image": str(images.path), "text": str(texts.path)},
         "queries_per_direction": queries, "k": k, "seed": seed, "directions": list(directions),
-        "gallery": {"image": len(anchors), "text": len(pairs)},
+        "gallery": {"image": len(anchors), "text": len(captions)},
         "hits_in_top_k": {d: sum(1 for r in rows if r["direction"] == d and r["rank"] <= k) for d in directions},
         "rows": rows, "warnings": warnings, "format": fmt, "out": str(out),
     }

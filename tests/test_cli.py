@@ -84,7 +84,7 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
     table = cli("eval", "retrieval", "--run", run, "--image-store", extracted["image"], "--text-store",
                 extracted["text"]).stdout
     assert "image->text" in table and "text->image" in table and "chance" in table
-    report = json.loads((run / "eval" / "retrieval-image-text.json").read_text())
+    report = json.loads(Path(table.split("report: ")[1].strip()).read_text())
     assert report["metrics"]["image->text"]["queries"] == 48
 
     classes = tmp_path / "classes.txt"
@@ -92,7 +92,8 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
     classes.write_text("\n".join(labels) + "\n")
     zero_shot = cli("eval", "zero-shot", "--run", run, "--image-store", extracted["image"], "--classes", classes,
                     "--template", "a {}", "--text-encoder", tiny_text_model).stdout
-    assert "top1" in zero_shot and (run / "eval" / "zero-shot.json").exists()
+    assert "top1" in zero_shot and Path(zero_shot.split("report: ")[1].strip()).parent == run / "eval"
+    assert json.loads(Path(zero_shot.split("report: ")[1].strip()).read_text())["task"] == "zero-shot"
 
 
 def test_zero_shot_refuses_another_text_encoder(extracted, tmp_path, tiny_text_model, shapes):

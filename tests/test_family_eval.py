@@ -371,12 +371,14 @@ def test_linear_probe_on_aligned_embeddings_reaches_full_accuracy(toy_run, tmp_p
     result = cli("eval", "linear-probe", "--run", run, "--train-store", train, "--test-store", test,
                  "--epochs", "40", "--eval-every", "10", "--batch-size", "32")
     assert "final (epoch 40) test top1 1.000" in result.stdout
-    report = json.loads((run / "eval" / "linear-probe-probe-test.json").read_text())
+    report_path = Path(result.stdout.split("report: ")[1].splitlines()[0])
+    assert report_path.parent == run / "eval" and report_path.name.startswith("linear-probe-probe-test-")
+    report = json.loads(report_path.read_text())
     assert [c["epoch"] for c in report["checkpoints"]] == [10, 20, 30, 40]
     assert report["final"]["top1"] == 1.0 and report["best"]["top1"] == 1.0 and report["features"] == "aligned"
     assert report["classes"] == [f"class-{c}" for c in range(4)] and report["dim"] == 32  # the run's width
     assert report["chance_top1"] == 0.25
-    table = (run / "eval" / "linear-probe-probe-test.md").read_text()
+    table = report_path.with_suffix(".md").read_text()
     assert "| epoch | train loss | train top-1 | test top-1 |" in table and "| 40 |" in table
     # A store from another encoder is refused by the run.
     other = write_store(tmp_path / "other", "image", torch.randn(8, 24), [f"o{i}" for i in range(8)],
@@ -393,7 +395,15 @@ def test_linear_probe_on_raw_features_and_a_control_that_must_fail(tmp_path, sin
     out = tmp_path / "reports"
     report = linear_probe(train, test, features="raw", epochs=20, batch_size=32, lr=0.01, out_dir=out)
     assert report["space"] == "raw pooled features" and report["dim"] == 12
-    assert json.loads((out / "linear-probe-raw-test.json").read_text()) == report
+    assert Path(report["report_path"]).parent == out and json.loads(Path(report["report_path"]).read_text()) == report
+    # A probe on the same test store with another training store is kept beside the first, not over it.
+    other_rows, other_labels = _clusters(30, seed=5, dim=12)
+    other_train = write_store(tmp_path / "train-2", "image", other_rows, [f"tr{i}" for i in range(len(other_labels))],
+                              labels=other_labels)
+    second = linear_probe(other_train, test, features="raw", epochs=2, batch_size=32, out_dir=out)
+    assert second["report_path"] != report["report_path"] and json.loads(Path(report["report_path"]).read_text()) == report
+    assert sorted(p.name.split("--train-")[1] for p in out.glob("linear-probe-raw-test-*.json")) == sorted(
+        f"{Path(s).name}-{FeatureStore.open(s).key[:8]}.json" for s in (train, other_train))
     assert report["final"]["top1"] == 1.0 and [c["epoch"] for c in report["checkpoints"]] == list(range(2, 21, 2))
     # Control: the same features with labels shuffled carry no signal, so test accuracy stays near chance.
     shuffled = [labels[i] for i in torch.randperm(len(labels), generator=_gen(9)).tolist()]

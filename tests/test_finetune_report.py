@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,18 +107,21 @@ def test_fine_tune_beats_chance_trains_the_head_and_leaves_the_run_untouched(run
     assert "fine tune on" in result.stdout and "weights:" in result.stdout
     assert _hashes(run) == before, "fine-tuning wrote into the run's own files"
 
-    report = json.loads((run / "eval" / "fine-tune-ft-test.json").read_text())
+    report_path = Path(result.stdout.split("report: ")[1].splitlines()[0])
+    assert report_path.parent == run / "eval" and report_path.name.startswith("fine-tune-ft-test-")
+    assert "--train-ft-train-" in report_path.name  # named by both stores
+    report = json.loads(report_path.read_text())
     assert report["task"] == "fine-tune" and report["modality"] == "image"
     assert [c["epoch"] for c in report["checkpoints"]] == [1, 2, 3, 4, 5, 6]  # accuracy every epoch
     assert report["chance_top1"] == 0.25 and report["final"]["top1"] >= 0.9
     assert "adapters.image" in report["trained"] and "adapters.text" not in report["trained"]
-    table = (run / "eval" / "fine-tune-ft-test.md").read_text()
+    table = report_path.with_suffix(".md").read_text()
     assert table.startswith("# Fine-tune:") and "| 6 |" in table
 
     # The fine-tuned head is a run bundle of its own: the image path changed, the text adapter (never reached by
     # image items) did not, and head + classifier reproduce the reported final accuracy.
     bundle = Path(report["weights"])
-    assert bundle == run / "eval" / "fine-tune-ft-test"
+    assert bundle == report_path.with_suffix("")
     original, tuned = load_file(str(run / "model.safetensors")), load_file(str(bundle / "model.safetensors"))
     assert set(original) == set(tuned)
     changed = {k for k in original if not torch.equal(original[k], tuned[k])}
@@ -202,7 +206,7 @@ def test_text_classification_end_to_end(tiny_text_model, tmp_path, single_thread
     assert probe["modality"] == "text" and probe["classes"] == [0, 1] and probe["test_items"] == 24
     assert probe["space"].startswith("aligned embeddings") and probe["dim"] == 32
     assert probe["checkpoints"][-1]["train"]["top1"] >= 0.9 and probe["final"]["top1"] >= 0.9
-    assert (run / "eval" / "linear-probe-sst2-dev.md").is_file()
+    assert Path(probe["markdown_path"]).is_file() and Path(probe["markdown_path"]).name.startswith("linear-probe-sst2-dev-")
 
     before = _hashes(run)
     tuned = fine_tune(stores["train"], stores["dev"], run, epochs=8, batch_size=16, lr=3e-3)
@@ -246,26 +250,35 @@ def test_report_puts_two_runs_side_by_side(runs, tmp_path, single_thread):
         assert row["label"] == run_label(config) and f"up {fusion} w32 1 block infonce" in row["label"]
         assert row["epochs_trained"] == 2
         assert row["final_loss"] == RunDir(row["run"]).metrics()[-1]["loss"]
-    assert report["columns"]["retrieval"] == [f"{d} R@{k}" for d in ("image->text", "text->image") for k in (1, 5, 10)]
-    # Every retrieval number is the one in that run's eval JSON.
-    for row, name in zip(rows, ("add", "attention"), strict=True):
-        saved = json.loads((runs[name] / "eval" / "retrieval-image-text.json").read_text())
+    # Both runs were evaluated on the same stores: one retrieval table, every number the one in that run's eval JSON.
+    keys = {m: FeatureStore.open(p).key for m, p in (("image", val_image), ("text", val_text))}
+    retrieval_tables = [t for t in report["tables"] if t["task"] == "retrieval"]
+    assert len(retrieval_tables) == 1 and [s["key"] for s in retrieval_tables[0]["stores"]] == list(keys.values())
+    table = retrieval_tables[0]
+    assert table["columns"] == [f"{d} R@{k}" for d in ("image->text", "text->image") for k in (1, 5, 10)]
+    for table_row, name in zip(table["rows"], ("add", "attention"), strict=True):
+        saved = json.loads(Path(retrieval[name]["report_path"]).read_text())
+        assert table_row["run"] == f"run-{name}" and set(table_row["sources"].values()) == {retrieval[name]["report_path"]}
         for direction in ("image->text", "text->image"):
             for k in (1, 5, 10):
-                assert row["metrics"][f"retrieval: {direction} R@{k}"] == saved["metrics"][direction][f"R@{k}"]
-    column = "linear-probe: top1 [probe-test]"
-    assert rows[0]["metrics"][column] == probe["final"]["top1"] and column not in rows[1]["metrics"]
+                assert table_row["values"][f"{direction} R@{k}"] == saved["metrics"][direction][f"R@{k}"]
+    probe_table = next(t for t in report["tables"] if t["task"] == "linear-probe"
+                       and [s["key"] for s in t["stores"]] == [probe["train_store_key"], probe["test_store_key"]])
+    assert [r["run"] for r in probe_table["rows"]] == ["run-add"]  # the other run has no probe on these stores
+    assert probe_table["rows"][0]["values"]["top1"] == probe["final"]["top1"]
     assert [s["file"] for s in rows[1]["skipped"]] == [str(runs["attention"] / "eval" / "notes.json")]
 
     markdown = (out / "report.md").read_text()
     retrieval_table = markdown.split("## Retrieval")[1].split("##")[0]
     assert retrieval_table.count("| run-add |") == 1 and retrieval_table.count("| run-attention |") == 1
-    header, *table = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.split("## Linear probe")[1].split("\n\n")[1]
-                      .splitlines() if line.startswith("| ") and "---" not in line]
-    cells = {row[0]: dict(zip(header, row, strict=True)) for row in table}
-    assert set(cells) == {"run-add", "run-attention"}
-    assert cells["run-add"]["top1 [probe-test]"] == f"{probe['final']['top1']:.4f}"
-    assert cells["run-attention"]["top1 [probe-test]"] == "-"
+    assert all(key in retrieval_table for key in keys.values())  # the stores' full identity keys
+    probe_markdown = next(part for part in markdown.split("## Linear probe")[1:] if probe["test_store_key"] in part)
+    header, *lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in
+                      probe_markdown.split("##")[0].splitlines() if line.startswith("| ") and "---" not in line]
+    cells = {line[0]: dict(zip(header, line, strict=True)) for line in lines}
+    assert set(cells) == {"run-add"} and cells["run-add"]["top1"] == f"{probe['final']['top1']:.4f}"
+    assert cells["run-add"]["stores"] == f"train probe-train@{probe['train_store_key'][:8]}, " \
+                                         f"test probe-test@{probe['test_store_key'][:8]}"
 
     # One line (or bar) per run in each plot, in the run's colour.
     for name in ("loss", "temperature", "recall"):
@@ -274,6 +287,35 @@ def test_report_puts_two_runs_side_by_side(runs, tmp_path, single_thread):
         assert Image.open(path).format == "PNG"
         assert {PALETTE[0], PALETTE[1]} <= _colours(path), name
         assert PALETTE[2] not in _colours(path)
+
+
+def test_report_never_puts_figures_of_different_stores_in_one_column(runs, tmp_path, single_thread):
+    # Run A evaluated on held-out stores, run B on its training stores: two evaluation sets.
+    a, b = (tmp_path / "A", tmp_path / "B")
+    for source, copy in ((runs["add"], a), (runs["attention"], b)):
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns("eval"))
+    val_image, val_text = make_toy_pair(tmp_path / "val", n_images=24, seed=5)
+    evaluate_retrieval(a, val_image, val_text)
+    saved = evaluate_retrieval(b, runs["image"], runs["text"])
+    unkeyed = {k: v for k, v in saved.items() if k != "store_keys"}  # as written before reports recorded keys
+    (a / "eval" / "retrieval-image-text.json").write_text(json.dumps(unkeyed))
+    out = tmp_path / "report"
+    cli("report", a, b, "--out", out)
+    report = json.loads((out / "report.json").read_text())
+    tables = [t for t in report["tables"] if t["task"] == "retrieval"]
+    assert [[r["run"] for r in t["rows"]] for t in tables] == [["A"], ["B"]]
+    skipped = report["runs"][0]["skipped"]  # figures that cannot be tied to their stores are left out, and said so
+    assert [s["file"] for s in skipped] == [str(a / "eval" / "retrieval-image-text.json")]
+    assert "identity keys" in skipped[0]["reason"]
+    for table, (image, text) in zip(tables, ((val_image, val_text), (runs["image"], runs["text"])), strict=True):
+        keys = [FeatureStore.open(image).key, FeatureStore.open(text).key]
+        assert [s["key"] for s in table["stores"]] == keys
+        assert [s["key"] for s in table["rows"][0]["stores"]] == keys
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("## Retrieval, evaluation set") == 2
+    for table in markdown.split("## Retrieval, evaluation set")[1:]:
+        body = [line for line in table.split("\n\n")[2].splitlines() if line.startswith("| ") and "---" not in line]
+        assert len(body) == 2  # the header and one run: never both runs under one column
 
 
 def test_report_errors(runs, tmp_path):
@@ -285,5 +327,5 @@ def test_report_errors(runs, tmp_path):
     fresh_image, fresh_text = make_toy_pair(tmp_path, n_images=16, tag="fresh")
     fresh = _train(fresh_image, fresh_text, tmp_path / "fresh", epochs=1)
     report = compare_runs([fresh], tmp_path / "out")
-    assert report["columns"] == {} and report["plots"]["recall"] is None
+    assert report["tables"] == [] and report["plots"]["recall"] is None
     assert "No evaluation reports" in (tmp_path / "out" / "report.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,7 +85,8 @@ def test_fit_up_learns_a_separable_toy_set_and_writes_the_run(tmp_path):
     assert config["modalities"]["image"]["store"]["key"] == FeatureStore.open(image_store).key
     report = evaluate_retrieval(run, image_store, text_store)
     assert report["metrics"]["text->image"]["R@5"] > 0.8
-    assert (run / "eval" / "retrieval-image-text.json").exists()
+    assert Path(report["report_path"]).parent == run / "eval" and Path(report["report_path"]).is_file()
+    assert Path(report["report_path"]).name.startswith("retrieval-image-text--toy-image-")
 
 
 def test_resume_gives_the_same_run_as_uninterrupted(tmp_path):

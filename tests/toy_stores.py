@@ -73,3 +73,26 @@ def store_files(store: Path) -> dict[str, bytes]:
     skip = ("zarr.json", ".writer.lock")
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(Path(store).rglob("*"))
             if p.is_file() and p.name not in skip}
+
+
+def make_shared_ref_stores(root: Path, n_images: int = 10, written: int = 2, spoken: int = 2, seed: int = 0,
+                           tag: str = "m2m") -> dict[str, Path]:
+    """Image, text and audio stores where every caption, written or spoken, ``ref``s its image: text and audio pair
+    many-to-many through the shared ref (``pair_stores`` rule 3). All captions of one image in one modality carry
+    identical tokens, so any head embeds them identically and a well-aligned run retrieves them all perfectly."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n_images, 8, generator=gen)
+    stores = {}
+    for modality, per_image, dim, tokens in (("image", 1, 12, 4), ("text", written, 10, 3), ("audio", spoken, 14, 5)):
+        to_modality = torch.randn(8, dim, generator=gen)
+        items, metas = [], []
+        for i in range(n_images):
+            for k in range(per_image):
+                items.append((latent[i] @ to_modality).expand(tokens, dim).clone())
+                metas.append({"id": f"img{i}"} if modality == "image" else {"id": f"{modality}{i}-{k}", "ref": f"img{i}"})
+        identity = {"encoder": {"id": f"{tag}-{modality}-encoder"}, "modality": modality, "layer": -1,
+                    "keep": "tokens", "manifest_sha256": f"{tag}-{seed}-{modality}"}
+        layout = "fixed" if modality == "image" else "ragged"
+        stores[modality] = _write(root / f"{tag}-{modality}", modality, layout, items, metas, dim,
+                                  tokens if layout == "fixed" else None, identity)
+    return stores
