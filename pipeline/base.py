@@ -194,6 +194,7 @@ def fit_base(
             value = loss_fn(a, b)
             total += optimiser_step(optimizer, value, f"at epoch {epoch}, step {step + 1}",
                                     "lower --lr / --encoder-lr") * len(a_idx)
+            loss_fn.clamp_temperature_()
             count += len(a_idx)
         val = _validate(image_enc, text_enc, model, images, texts, val_pairs, device, train.batch_size)
         record = {"stage": STAGE, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,

@@ -182,6 +182,7 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
             value = optimiser_step(optimizer, loss, f"at epoch {epoch}, step {step + 1}",
                                    f"the last good checkpoint in {run.checkpoints} is intact; lower --lr or check "
                                    "the stores for non-finite values")
+            loss_fn.clamp_temperature_()
             total += value * len(a_idx)
             count += len(a_idx)
         val = _validate(model, stage, val_pairs) if main else {}  # only rank 0 keeps weights and writes the run
