@@ -41,6 +41,7 @@ KNOWN_ERRORS = (
     ("extract.run", "ExtractionError"), ("extract.adapters.common", "DatasetError"), ("stores.errors", "StoreError"),
     ("pipeline.rundir", "RunError"), ("pipeline.fit", "TrainingError"), ("pipeline.pairs", "PairingError"),
     ("pipeline.evaluate", "EvaluationError"), ("pipeline.cka", "CKAError"), ("pipeline.curate", "CurationError"),
+    ("pipeline.presets", "PresetError"),
 )
 
 
