@@ -41,6 +41,7 @@ KNOWN_ERRORS = (
     ("extract.run", "ExtractionError"), ("extract.adapters.common", "DatasetError"), ("stores.errors", "StoreError"),
     ("pipeline.rundir", "RunError"), ("pipeline.fit", "TrainingError"), ("pipeline.pairs", "PairingError"),
     ("pipeline.evaluate", "EvaluationError"), ("pipeline.cka", "CKAError"), ("pipeline.curate", "CurationError"),
+    ("pipeline.presets", "PresetError"),
 )
 
 
@@ -445,6 +446,37 @@ def _train_config(warmup_epochs: int = 0, no_tensorboard: bool = False, **kwargs
     return TrainConfig(warmup_epochs=warmup_epochs, tensorboard=not no_tensorboard, **kwargs)
 
 
+def preset_option(command: str):
+    from pipeline.presets import preset_names
+
+    return click.option("--preset", type=click.Choice(preset_names()), default=None,
+                        help=f"set every option the preset names for {command} (paper: the paper's protocol; "
+                             "README, 'The paper's protocol'); options given on the command line win")
+
+
+def _training_options(command: str, options: dict, recorded: dict | None) -> tuple[dict, dict | None]:
+    """The options a training command runs with, and the record of its preset. ``recorded`` (a resume): the stage's
+    recorded options replace every option not given on the command line (the pipeline refuses given ones that
+    differ); otherwise --preset's values replace the defaults of options not given."""
+    from click.core import ParameterSource
+
+    from pipeline.fit import TrainConfig
+    from pipeline.presets import resolve_options
+
+    ctx = click.get_current_context()
+    explicit = {name for name in ctx.params
+                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+    if recorded is not None:
+        restored = {k: v for k, v in recorded.items() if k not in explicit and k not in ("device", "tensorboard")}
+        options = {**options, **restored}
+        return options, ({"name": options["preset"]} if options.get("preset") else None)
+    from dataclasses import fields
+
+    extra = {f.name for f in fields(TrainConfig)} - {"device", "tensorboard"}
+    return resolve_options(command, {k: v for k, v in options.items() if k != "preset"}, explicit,
+                           options.get("preset"), extra)
+
+
 @main.command("fit-up")
 @click.option("--image-store", type=STORE, required=True)
 @click.option("--text-store", type=STORE, required=True)
@@ -454,22 +486,34 @@ def _train_config(warmup_epochs: int = 0, no_tensorboard: bool = False, **kwargs
 @click.option("--fusion", type=click.Choice(["add", "attention", "concat"]), default="add", show_default=True)
 @click.option("--blocks", default=4, show_default=True, help="transformer blocks of the UP")
 @click.option("--width", default=256, show_default=True)
+@click.option("--cls-token", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="freeze-align: the image tokens start with a CLS token, which gets its own projector branch (the "
+                   "paper's vision projector) instead of being averaged with the patches; auto: yes for image stores "
+                   "of encoders that prepend one (ViT, DeiT, BEiT, DINOv2, CLIP, ...)")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @train_options(epochs=30, batch_size=128)
 @loss_options
+@preset_option("fit-up")
 @friendly_errors
-def fit_up(image_store, text_store, out, head, fusion, blocks, width, resume, overwrite, loss_kind, target_mix,
-           temperature, warmup_epochs, **train_kwargs) -> None:
-    """Step 1: train the Universal Projection on image-text pairs, from cached features only."""
+def fit_up(**options) -> None:
+    """Step 1: train the Universal Projection on image-text pairs, from cached features only. --resume continues
+    with the run's recorded options; an option given that differs from them is refused (--epochs may grow)."""
     from pipeline.distributed import is_main, session
-    from pipeline.fit import LossConfig
+    from pipeline.fit import LossConfig, recorded_options
     from pipeline.fit import fit_up as run_fit_up
+    from pipeline.rundir import RunDir
 
-    loss = LossConfig(kind=loss_kind, init_temperature=temperature, target_mix=target_mix)
-    with session(train_kwargs.get("device", "cpu")) as device:  # joins torchrun's group when launched by it
-        summary = run_fit_up(image_store, text_store, out, head=head, width=width, blocks=blocks, fusion=fusion,
-                             loss=loss, train=_train_config(warmup_epochs, **{**train_kwargs, "device": device}),
-                             resume=resume, overwrite=overwrite)
+    run = RunDir(options["out"])
+    recorded = recorded_options(run.read_config(), "fit-up") if options["resume"] and run.exists() else None
+    o, preset = _training_options("fit-up", options, recorded)
+    loss = LossConfig(kind=o.pop("loss_kind"), init_temperature=o.pop("temperature"), target_mix=o.pop("target_mix"))
+    given = {k: o.pop(k) for k in ("image_store", "text_store", "out", "head", "width", "blocks", "fusion", "resume",
+                                   "overwrite")}
+    cls_token = {"auto": None, "yes": True, "no": False}[o.pop("cls_token")]
+    o.pop("preset", None)
+    with session(o.pop("device")) as device:  # joins torchrun's group when launched by it
+        summary = run_fit_up(given.pop("image_store"), given.pop("text_store"), given.pop("out"), **given,
+                             cls_token=cls_token, loss=loss, preset=preset, train=_train_config(**o, device=device))
         if is_main():
             click.echo(f"run written to {summary['run']}")
 
@@ -489,15 +533,27 @@ MODALITIES = ["image", "text", "audio", "video"]
               help="linear: one Linear(D, width) (the paper's 65,792 params at D=256; the UP's default); mlp: two "
                    "layers; projector: freeze-align's own (its default)")
 @train_options(epochs=100, batch_size=64)
+@preset_option("fit-al")
 @friendly_errors
-def fit_al(run_dir, modality, store, pivot, pivot_store, al, resume, **train_kwargs) -> None:
-    """Step 2: freeze the UP and align a new modality by training only its Alignment Layer, from cache."""
+def fit_al(**options) -> None:
+    """Step 2: freeze the UP and align a new modality by training only its Alignment Layer, from cache. --resume
+    continues with the stage's recorded options; an option given that differs from them is refused."""
     from pipeline.distributed import is_main, session
     from pipeline.fit import fit_al as run_fit_al
+    from pipeline.fit import recorded_options
+    from pipeline.rundir import RunDir
 
-    with session(train_kwargs.get("device", "cpu")) as device:  # joins torchrun's group when launched by it
-        summary = run_fit_al(run_dir, modality, store, pivot, pivot_store, al=al,
-                             train=_train_config(**{**train_kwargs, "device": device}), resume=resume)
+    modality = options["modality"]
+    config = RunDir(options["run_dir"]).read_config()
+    resuming = options["resume"] and modality in config["modalities"]
+    o, preset = _training_options("fit-al", options, recorded_options(config, f"fit-al:{modality}")
+                                  if resuming else None)
+    given = {k: o.pop(k) for k in ("run_dir", "modality", "store", "pivot", "pivot_store", "al", "resume")}
+    o.pop("preset", None)
+    with session(o.pop("device")) as device:  # joins torchrun's group when launched by it
+        summary = run_fit_al(given.pop("run_dir"), given.pop("modality"), given.pop("store"), given.pop("pivot"),
+                             given.pop("pivot_store"), **given, preset=preset,
+                             train=_train_config(**o, device=device))
         if is_main():
             click.echo(f"{modality} aligned in {summary['run']} (trained: {', '.join(summary['trainable_parameters'])})")
 
@@ -525,22 +581,24 @@ def fit_al(run_dir, modality, store, pivot, pivot_store, al, resume, **train_kwa
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing VQA output folder")
+@preset_option("fit-vqa")
 @friendly_errors
-def fit_vqa(run_dir, image_store, question_store, test_image_store, test_question_store, out, epochs, batch_size,
-            lr, weight_decay, hidden, dropout, fusion, unfreeze, seed, device, overwrite) -> None:
+def fit_vqa(**options) -> None:
     """Visual question answering from cache: the run's UP embeds images and questions, a prediction head
     classifies into the training answers. Reports accuracy, macro F1 and WUPS@0.9/0.0 (WordNet permitting)."""
     from pipeline.fit import TrainConfig
     from pipeline.vqa import VQASettings
     from pipeline.vqa import fit_vqa as run_fit_vqa
 
-    if (test_image_store is None) != (test_question_store is None):
+    o, preset = _training_options("fit-vqa", options, None)
+    if (o["test_image_store"] is None) != (o["test_question_store"] is None):
         raise click.UsageError("give both --test-image-store and --test-question-store, or neither")
-    report = run_fit_vqa(run_dir, image_store, question_store, out, test_image_store=test_image_store,
-                         test_question_store=test_question_store,
-                         settings=VQASettings(hidden=hidden, dropout=dropout, fusion=fusion, unfreeze=unfreeze),
-                         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                           seed=seed, device=device), overwrite=overwrite)
+    settings = VQASettings(**{k: o.pop(k) for k in ("hidden", "dropout", "fusion", "unfreeze")})
+    given = {k: o.pop(k) for k in ("run_dir", "image_store", "question_store", "out", "test_image_store",
+                                   "test_question_store", "overwrite")}
+    o.pop("preset", None)
+    report = run_fit_vqa(given.pop("run_dir"), given.pop("image_store"), given.pop("question_store"),
+                         given.pop("out"), **given, settings=settings, train=TrainConfig(**o), preset=preset)
     for split in ("train", "test"):
         m = report[split]
         if m is None:

@@ -85,6 +85,7 @@ __all__ = [
     "Preprocessor",
     "encoder_identity",
     "freeze",
+    "image_tokens_start_with_cls",
     "inference_context",
     "load_encoder",
 ]
@@ -106,6 +107,23 @@ _AUDIO_PREPROCESS_KEYS = (
     "padding_value", "padding_side", "n_fft", "hop_length", "chunk_length", "n_samples", "dither",
 )
 _VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
+
+
+# transformers vision models whose token sequence (last_hidden_state and every hidden_states[N]) starts with a CLS
+# token; DeiT's second token is its distillation token.
+CLS_FIRST_MODEL_TYPES = frozenset({
+    "vit", "vit_hybrid", "vit_msn", "vit_mae", "deit", "beit", "data2vec-vision", "dinov2", "dinov2_with_registers",
+    "clip", "clip_vision_model", "chinese_clip", "chinese_clip_vision_model", "blip", "blip_vision_model",
+})
+
+
+def image_tokens_start_with_cls(identity: dict[str, Any]) -> bool:
+    """Whether a store with this cache identity holds image tokens whose first one is a CLS token: a transformers
+    model of :data:`CLS_FIRST_MODEL_TYPES`, tokens kept (not pooled). False for anything else, plugins included
+    (their token layout is not known)."""
+    encoder = identity.get("encoder") or {}
+    return (identity.get("modality") == "image" and identity.get("keep") == "tokens" and encoder.get("kind") == "hf"
+            and encoder.get("model_type") in CLS_FIRST_MODEL_TYPES)
 
 
 class EncoderError(RuntimeError):

@@ -20,12 +20,15 @@ way as a UP run::
 The re-extraction at the end records in ``config.json`` what a store made by the fine-tuned encoders looks like, so
 a held-out set is evaluated by extracting it with ``--encoder RUN/encoders/image`` (and ``.../text``) and running
 ``eval retrieval --run RUN`` on those stores; a store made with the original (frozen) encoders is refused. The
-weights kept are the last epoch's (no per-epoch copies of whole encoders); validation retrieval is logged per epoch.
+weights kept (encoders, head and temperature) are chosen by the rule every trainer uses,
+:data:`pipeline.fit.SELECTION_RULE` (best validation rsum), recorded in the stage; the encoders are written when an
+epoch improves on the best, so only one copy of them is ever on disk.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -38,7 +41,15 @@ from torch import nn
 
 from extract.encoders import HFImageEncoder, HFTextEncoder, load_encoder
 from extract.manifest import Item, read_manifest
-from pipeline.fit import LossConfig, TrainConfig, TrainingError, head_config, optimiser_step, store_record
+from pipeline.fit import (
+    SELECTION_RULE,
+    LossConfig,
+    TrainConfig,
+    TrainingError,
+    head_config,
+    optimiser_step,
+    store_record,
+)
 from pipeline.metrics import bidirectional_retrieval
 from pipeline.pairs import PairingError, Pairs, epoch_batches, split_by_anchor
 from pipeline.prefetch import prefetched
@@ -180,6 +191,8 @@ def fit_base(
         return (_preprocess(image_enc, [images[i] for i in pair[0]]), _preprocess(text_enc, [texts[j] for j in pair[1]]))
 
     steps_per_epoch = max(1, math.ceil(len(train_pairs.anchors) / train.batch_size))
+    folders = {"image": run.path / "encoders" / "image", "text": run.path / "encoders" / "text"}
+    best, best_epoch = -math.inf, 0
     for epoch in range(1, train.epochs + 1):
         started = time.perf_counter()
         for module in (image_enc.model, text_enc.model, model):
@@ -194,10 +207,17 @@ def fit_base(
             value = loss_fn(a, b)
             total += optimiser_step(optimizer, value, f"at epoch {epoch}, step {step + 1}",
                                     "lower --lr / --encoder-lr") * len(a_idx)
+            loss_fn.clamp_temperature_()
             count += len(a_idx)
         val = _validate(image_enc, text_enc, model, images, texts, val_pairs, device, train.batch_size)
         record = {"stage": STAGE, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,
                   "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3), "val": val}
+        score = val.get("rsum", float(epoch))  # SELECTION_RULE, as run_stage: the last epoch without validation
+        if score > best:
+            best, best_epoch = score, epoch
+            record["saved"] = True
+            _save_encoders(image_enc, text_enc, folders)
+            run.save_model(model, loss_fn)
         run.append_metrics(record)
         if progress:
             line = f"[{STAGE}] epoch {epoch:>3}  loss {record['loss']:.4f}  tau {record['temperature']:.4f}"
@@ -206,16 +226,10 @@ def fit_base(
                     line += f"  {direction} R@1 {m['R@1']:.3f}"
             print(line + f"  ({record['seconds']:.1f}s)", flush=True)
 
-    # Save the fine-tuned encoders as ordinary transformers folders, then re-extract the training manifests with them:
-    # the stores' identities are what eval retrieval checks a held-out store against.
-    for module in (image_enc.model, text_enc.model, model):
-        module.eval()
-    folders = {"image": run.path / "encoders" / "image", "text": run.path / "encoders" / "text"}
-    image_enc.model.save_pretrained(folders["image"])
-    image_enc.preprocessor.processor.save_pretrained(folders["image"])
-    text_enc.model.save_pretrained(folders["text"])
-    text_enc.preprocessor.tokenizer.save_pretrained(folders["text"])
-    run.save_model(model, loss_fn)
+    if best_epoch == 0:
+        raise TrainingError(f"no epoch of {run.path} had a finite validation score; nothing was kept")
+    # The kept encoders (ordinary transformers folders) re-extract the training manifests: the stores' identities
+    # are what eval retrieval checks a held-out store against.
     stores = {}
     for modality, manifest in (("image", image_manifest), ("text", text_manifest)):
         result = run_extraction(manifest, modality, str(folders[modality]), run.path / "stores" / f"train-{modality}",
@@ -226,6 +240,7 @@ def fit_base(
         "modalities": {m: {"store": stores[m], "stage": STAGE, "status": "aligned", "encoder": f"encoders/{m}"}
                        for m in ("image", "text")},
         "stages": [{"name": STAGE, "anchor": "image", "partner": "text", "train": asdict(train),
+                    "selection": {"rule": SELECTION_RULE, "epoch": best_epoch, "score": best},
                     "encoder_lr": encoder_lr, "trained_encoders": {"image": image_encoder, "text": text_encoder},
                     "image_manifest": str(Path(image_manifest).resolve()),
                     "text_manifest": str(Path(text_manifest).resolve())}],
@@ -233,7 +248,21 @@ def fit_base(
                  "encoders": {m: str(f) for m, f in folders.items()}},
     })
     run.write_config(config)
-    return {"run": str(run.path), "encoders": {m: str(f) for m, f in folders.items()}, **record}
+    return {"run": str(run.path), "encoders": {m: str(f) for m, f in folders.items()}, **record,
+            "selected_epoch": best_epoch, "selected_score": best}
+
+
+def _save_encoders(image_enc: Any, text_enc: Any, folders: dict[str, Path]) -> None:
+    """Write both encoders (with their processor / tokenizer) as transformers folders, each complete under a
+    temporary name first and then renamed over the previous copy."""
+    for encoder, folder, processor in ((image_enc, folders["image"], image_enc.preprocessor.processor),
+                                       (text_enc, folders["text"], text_enc.preprocessor.tokenizer)):
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        encoder.model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
 
 
 def _validate(image_enc: Any, text_enc: Any, model: nn.Module, images: list[Item], texts: list[Item], pairs: Pairs,

@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,6 +75,60 @@ def store_record(store: FeatureStore) -> dict:
             "layout": store.layout, "items": len(store), "encoder_spec": (store.meta.summary or {}).get("encoder_spec")}
 
 
+# How every trainer (fit-up, fit-al, fit-base) chooses the weights it keeps; recorded with each stage.
+SELECTION_RULE = ("best validation rsum (R@1 + R@5 + R@10, both directions, on the held-out anchors); "
+                  "the last epoch when there is no validation split")
+# What --resume lets differ from the recorded configuration: how long and where to train, not what is trained.
+RESUME_MAY_CHANGE = frozenset({"epochs", "device", "tensorboard"})
+_FLAGS = {"loss_kind": "--loss", "tensorboard": "--no-tensorboard"}
+
+
+def option_flag(name: str) -> str:
+    """The command-line spelling of an option's parameter name (``batch_size`` -> ``--batch-size``)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def recorded_options(config: dict, stage_name: str) -> dict[str, Any]:
+    """The options stage ``stage_name`` of a run config was trained with, by parameter name (``batch_size``,
+    ``loss_kind``, ``width``, ``al``, ``preset``, ...): what ``--resume`` restores. Empty for an unknown stage."""
+    stage = next((s for s in config.get("stages", []) if s["name"] == stage_name), None)
+    if stage is None:
+        return {}
+    options: dict[str, Any] = {**stage["train"], "preset": (stage.get("preset") or {}).get("name")}
+    if stage_name == "fit-up":
+        loss, model = config["loss"], config["model"]
+        options.update(head=config["head"], loss_kind=loss["kind"], temperature=loss["init_temperature"],
+                       target_mix=loss["target_mix"])
+        options.update({k: model[k] for k in ("width", "blocks", "fusion") if k in model})
+        cls = (model.get("cls_token") or {}).get("image")
+        if cls is not None:
+            options["cls_token"] = "yes" if cls else "no"
+    else:
+        options["al"] = config["modalities"][stage["partner"]].get("al")
+    return options
+
+
+def check_resume(run: RunDir, before: dict[str, Any], asked: dict[str, Any]) -> None:
+    """Refuse to resume with options that differ from the recorded ones (:func:`recorded_options` of the run and of
+    the configuration asked for), except :data:`RESUME_MAY_CHANGE`; ``None`` in ``asked`` means not given."""
+    conflicts = [f"{option_flag(k)} {'none' if v is None else v} differs from the run's "
+                 f"{'none' if before.get(k) is None else before[k]}"
+                 for k, v in sorted(asked.items())
+                 if k not in RESUME_MAY_CHANGE and k in before and v is not None and v != before[k]]
+    if conflicts:
+        raise RunError(f"cannot resume {run.path}: " + "; ".join(conflicts)
+                       + " (--resume continues the recorded configuration; only --epochs and --device may change)")
+
+
+def record_selection(config: dict, stage_name: str, summary: dict) -> None:
+    """Write the weight-selection rule and the epoch it chose into the stage's record of ``config``."""
+    if "selected_epoch" not in summary:  # a resumed run that had already finished keeps its record
+        return
+    stage = next(s for s in config["stages"] if s["name"] == stage_name)
+    stage["selection"] = {"rule": SELECTION_RULE, "epoch": summary["selected_epoch"],
+                          "score": summary["selected_score"]}
+
+
 def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> dict:
     if len(pairs) == 0:
         return {}
@@ -119,7 +174,7 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     mix_after_warmup = loss_fn.target_mix
 
-    start_epoch, best = 1, -math.inf
+    start_epoch, best, best_epoch = 1, -math.inf, 0
     state = run.checkpoint_state() if resume else None
     if state is not None and state.get("stage") == stage.name:  # an earlier stage's checkpoint is not ours
         run.load_checkpoint_weights(model, loss_fn)
@@ -127,6 +182,9 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
         torch.set_rng_state(state["rng"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
         done = int(state["epoch"])
+        best_epoch = int(state.get("best_epoch") or max(
+            (r["epoch"] for r in run.metrics() if r.get("stage") == stage.name and r.get("saved")
+             and r["epoch"] <= done), default=0))
         if distributed.is_main():
             run.truncate_metrics(lambda r: r.get("stage") != stage.name or r["epoch"] <= done)
     elif not resume and distributed.is_main():
@@ -179,6 +237,7 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
             value = optimiser_step(optimizer, loss, f"at epoch {epoch}, step {step + 1}",
                                    f"the last good checkpoint in {run.checkpoints} is intact; lower --lr or check "
                                    "the stores for non-finite values")
+            loss_fn.clamp_temperature_()
             total += value * len(a_idx)
             count += len(a_idx)
         val = _validate(model, stage, val_pairs) if main else {}  # only rank 0 keeps weights and writes the run
@@ -187,20 +246,21 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
             "target_mix": loss_fn.target_mix, "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3),
             "val": val,
         }
-        score = val.get("rsum", float(epoch))  # without validation the last epoch is kept
+        score = val.get("rsum", float(epoch))  # SELECTION_RULE: without validation the last epoch is kept
         if score > best:
-            best = score
+            best, best_epoch = score, epoch
             record["saved"] = True
             if main:
                 run.save_model(model, loss_fn)
         if main:
             run.append_metrics(record)
             run.save_checkpoint(model, loss_fn, {"stage": stage.name, "epoch": epoch, "best": best,
-                                                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                                                 "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
+                                                 "rng": torch.get_rng_state()},
                                 tag=f"epoch-{epoch:04d}")
         if progress and main:
             print(_epoch_line(record), flush=True)
-        summary = record
+        summary = {**record, "selected_epoch": best_epoch, "selected_score": best}
     loss_fn.target_mix = mix_after_warmup
     distributed.barrier()  # the run directory is complete (rank 0's last checkpoint) before any rank returns
     return summary
@@ -243,14 +303,25 @@ def fit_up(
     width: int = 256,
     blocks: int = 4,
     fusion: str = "add",
+    cls_token: bool | None = None,
     loss: LossConfig | None = None,
     train: TrainConfig | None = None,
+    preset: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Step 1 (Algorithm 1): train the Universal Projection (or another registered ``head``: dfe, freeze-align,
-    linear) on image-text pairs read from two stores. ``blocks`` and ``fusion`` apply to heads that have them."""
+    linear) on image-text pairs read from two stores. ``blocks`` and ``fusion`` apply to heads that have them.
+
+    ``cls_token`` (freeze-align): whether the image tokens start with a CLS token, which then gets the projector's
+    own CLS branch instead of being averaged with the patches; None: read from the image store (an encoder known to
+    prepend one, :func:`extract.encoders.image_tokens_start_with_cls`). ``preset``: the record of the
+    ``--preset`` the options came from (:func:`pipeline.presets.resolve_options`), kept with the stage.
+    ``resume`` continues the run with its recorded configuration: options that differ from it are refused
+    (:func:`check_resume`), except ``train.epochs`` (train longer) and where it runs."""
+    from extract.encoders import image_tokens_start_with_cls
+
     images, texts = FeatureStore.open(image_store), FeatureStore.open(text_store)
     for store, modality in ((images, "image"), (texts, "text")):
         if store.modality != modality:
@@ -258,6 +329,19 @@ def fit_up(
     train, loss = train or TrainConfig(), loss or LossConfig()
     run = RunDir(out, tensorboard=train.tensorboard)
     stores = {"image": store_record(images), "text": store_record(texts)}
+    cls = image_tokens_start_with_cls(images.identity) if cls_token is None else bool(cls_token)
+    stage_record: dict[str, Any] = {"name": "fit-up", "anchor": "image", "partner": "text", "train": asdict(train)}
+    if preset is not None:
+        stage_record["preset"] = preset
+    asked = {
+        "head": head,
+        "model": head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
+                             fusion=fusion, cls_token={"image": cls}).to_dict(),
+        "loss": asdict(loss),
+        "modalities": {name: {"store": record, "stage": "fit-up", "status": "training"}
+                       for name, record in stores.items()},
+        "stages": [stage_record],
+    }
     if resume and run.exists():
         config = run.read_config()
         for name, record in stores.items():
@@ -267,22 +351,19 @@ def fit_up(
                     f"cannot resume {run.path}: it was trained on {name} store {before['path']} (key {before['key']}),"
                     f" not {record['path']} (key {record['key']})"
                 )
-        config["stages"][0]["train"] = asdict(train)  # e.g. more epochs
+        given = recorded_options(asked, "fit-up")
+        if cls_token is None:  # not asked for: the recorded choice stands
+            given.pop("cls_token", None)
+        check_resume(run, recorded_options(config, "fit-up"), {**given, "preset": (preset or {}).get("name")})
+        train = _resumed_train(config["stages"][0]["train"], train)
+        config["stages"][0]["train"] = asdict(train)
     else:
         if run.exists() and not overwrite:
             raise RunError(f"{run.path} already holds a run; use --resume to continue it or --overwrite to replace it")
         distributed.barrier()  # every rank has seen the directory as it was before rank 0 replaces it
         if run.exists() and distributed.is_main():
             shutil.rmtree(run.path)
-        config = {
-            "head": head,
-            "model": head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
-                                 fusion=fusion).to_dict(),
-            "loss": asdict(loss),
-            "modalities": {name: {"store": record, "stage": "fit-up", "status": "training"}
-                           for name, record in stores.items()},
-            "stages": [{"name": "fit-up", "anchor": "image", "partner": "text", "train": asdict(train)}],
-        }
+        config = asked
     distributed.barrier()
     if distributed.is_main():
         run.write_config(config)
@@ -294,8 +375,17 @@ def fit_up(
         config = run.read_config()
         for name in stores:
             config["modalities"][name]["status"] = "aligned"
+        record_selection(config, "fit-up", summary)
         run.write_config(config)
     return {"run": str(run.path), **summary}
+
+
+def _resumed_train(recorded: dict[str, Any], asked: TrainConfig) -> TrainConfig:
+    """The recorded training settings of a stage, with what a resume may change (:data:`RESUME_MAY_CHANGE`)
+    taken from ``asked``."""
+    known = {f.name for f in fields(TrainConfig)}
+    kept = {k: v for k, v in recorded.items() if k in known and k not in RESUME_MAY_CHANGE}
+    return TrainConfig(**kept, **{k: getattr(asked, k) for k in RESUME_MAY_CHANGE})
 
 
 def fit_al(
@@ -307,6 +397,7 @@ def fit_al(
     *,
     al: str | None = None,
     train: TrainConfig | None = None,
+    preset: dict | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -315,7 +406,8 @@ def fit_al(
 
     ``al`` is the Alignment Layer kind (``linear``, ``mlp``; default: the head's own default, ``linear`` for the UP).
     The pivot's features go through the pivot's own (frozen) adapter, not the new AL: Algorithm 2 writes AL(X_m1),
-    but an AL belongs to one modality and the pivot is already aligned.
+    but an AL belongs to one modality and the pivot is already aligned. ``preset`` and ``resume`` as in
+    :func:`fit_up`: a resume continues the stage's recorded configuration and refuses options that differ from it.
     """
     from pipeline.rundir import check_compatible
 
@@ -338,7 +430,8 @@ def fit_al(
         config["modalities"][modality] = {"store": store_record(new), "stage": stage_name, "pivot": pivot, "al": al,
                                           "status": "training"}
         config["stages"].append({"name": stage_name, "anchor": pivot, "partner": modality, "train": asdict(train),
-                                 "pivot_store": store_record(pivot_features)})
+                                 "pivot_store": store_record(pivot_features),
+                                 **({"preset": preset} if preset is not None else {})})
         # Config and weights agree at every moment: the bundle stays loadable even if training is interrupted.
         # Under torchrun the new layer's initial weights are rank 0's (DDP broadcasts them), the ones saved here;
         # every rank has read the config and weights before rank 0 rewrites them.
@@ -353,6 +446,14 @@ def fit_al(
         if record["store"]["key"] != new.key:
             raise RunError(f"cannot resume: {modality} was being aligned from store {record['store']['path']} "
                            f"(key {record['store']['key']}), not {new.path} (key {new.key})")
+        stage_record = next(s for s in config["stages"] if s["name"] == stage_name)
+        check_resume(run, recorded_options(config, stage_name),
+                     {**asdict(train), "al": al, "preset": (preset or {}).get("name")})
+        train = _resumed_train(stage_record["train"], train)
+        stage_record["train"] = asdict(train)
+        distributed.barrier()
+        if distributed.is_main():
+            run.write_config(config)
         model, loss_fn, _ = run.load_model()
     trainable = model.freeze_for_alignment(modality)
     torch.manual_seed(train.seed)
@@ -361,5 +462,6 @@ def fit_al(
     if distributed.is_main():
         config = run.read_config()
         config["modalities"][modality]["status"] = "aligned"
+        record_selection(config, stage_name, summary)
         run.write_config(config)
     return {"run": str(run.path), "trainable_parameters": trainable, **summary}

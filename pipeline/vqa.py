@@ -131,10 +131,12 @@ def fit_vqa(
     test_question_store: Path | str | None = None,
     settings: VQASettings | None = None,
     train: TrainConfig | None = None,
+    preset: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Train the VQA prediction head (and, with ``settings.unfreeze``, the run's UP) and write the report."""
+    """Train the VQA prediction head (and, with ``settings.unfreeze``, the run's UP) and write the report.
+    ``preset``: the record of the ``--preset`` the options came from, kept in the output's config."""
     settings = settings or VQASettings()
     train = train or TrainConfig(epochs=100, batch_size=64)  # Section V: 100 epochs
     if (test_image_store is None) != (test_question_store is None):
@@ -178,6 +180,7 @@ def fit_vqa(
         "task": "vqa", "run": str(run.path), "run_head": config["head"], "answers": answers,
         "run_weights_sha256": _sha256(run.path / WEIGHTS_FILE),
         "head": head_config.to_dict(), "settings": asdict(settings), "train": record_train,
+        **({"preset": preset} if preset is not None else {}),
         "stores": {name: {"image": store_record(s.images), "question": store_record(s.questions)}
                    for name, s in (("train", train_split), ("test", test_split)) if s is not None},
     }

@@ -1,7 +1,9 @@
 r"""Contrastive losses for paired embeddings ``a [K, W]`` (e.g. image) and ``b [K, W]`` (e.g. text).
 
 Both are L2-normalised inside, so every similarity below is a cosine similarity. ``tau`` is a temperature stored
-as ``log_temperature`` and clamped into ``[min_temperature, max_temperature]`` where it is used.
+as ``log_temperature`` and clamped into ``[min_temperature, max_temperature]`` where it is used, with the
+gradient of the unclamped value (a straight-through clamp), and kept in bounds by ``clamp_temperature_`` after each
+optimiser step.
 
 ``kind="infonce"`` (CLIP; what the OneEncoder reference code trains with)::
 
@@ -76,7 +78,19 @@ class ContrastiveLoss(nn.Module):
             self.register_buffer("log_temperature", log_t)
 
     def _tau(self) -> Tensor:
-        return self.log_temperature.exp().clamp(self.min_temperature, self.max_temperature)
+        # Straight-through clamp: the value stays in bounds, but the gradient is that of the unclamped temperature,
+        # so a temperature at a bound still learns to leave it (a plain clamp gives it zero gradient there).
+        # ``clamp_temperature_`` after each optimiser step keeps the parameter itself in bounds (open_clip's way).
+        # In log space: far past a bound, tau + (clamped - tau) would cancel to nothing in float32.
+        log_t = self.log_temperature
+        bounded = log_t.clamp(math.log(self.min_temperature), math.log(self.max_temperature))
+        return (log_t + (bounded - log_t).detach()).exp()
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Clamp the stored temperature into ``[min_temperature, max_temperature]`` in place; call it after every
+        optimiser step, so the parameter never drifts past a bound while its clamped value is in use."""
+        self.log_temperature.clamp_(math.log(self.min_temperature), math.log(self.max_temperature))
 
     @property
     def temperature(self) -> float:

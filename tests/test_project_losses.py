@@ -175,6 +175,46 @@ def test_temperature_clamped() -> None:
     assert min(seen) == pytest.approx(0.05) or max(seen) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("bound", ["min", "max"])
+def test_temperature_at_a_bound_still_gets_a_gradient_and_leaves_it(bound: str) -> None:
+    """A temperature pushed to a bound must keep learning: its gradient is non-zero there, a step in the other
+    direction moves it back inside, and clamp_temperature_ keeps the parameter itself within the bounds."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(8, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    low, high = 0.05, 0.5
+    loss = ContrastiveLoss("infonce", init_temperature=low if bound == "min" else high, min_temperature=low,
+                           max_temperature=high)
+    with torch.no_grad():  # one optimiser step overshot the bound
+        loss.log_temperature.fill_(math.log(low / 2 if bound == "min" else high * 2))
+    assert loss.temperature == pytest.approx(low if bound == "min" else high)
+    loss(a, b).backward()
+    grad = loss.log_temperature.grad
+    assert grad is not None and grad.abs().item() > 1e-6
+    # The step the gradient asks for, taken from the bound itself, in whichever direction leads inside.
+    loss.clamp_temperature_()
+    assert loss.log_temperature.item() == pytest.approx(math.log(low if bound == "min" else high))
+    sign = 1.0 if bound == "min" else -1.0
+    with torch.no_grad():
+        loss.log_temperature.add_(sign * 0.1)
+    inside = loss.temperature
+    assert low < inside < high
+
+
+def test_training_loop_clamps_the_temperature_parameter_in_place(tmp_path) -> None:
+    """The fit loop keeps log_temperature itself in bounds after every step, even with a huge learning rate."""
+    from toy_stores import make_toy_pair
+
+    from pipeline.fit import LossConfig, TrainConfig, fit_up
+    from pipeline.rundir import RunDir
+
+    image_store, text_store = make_toy_pair(tmp_path, n_images=24)
+    fit_up(image_store, text_store, tmp_path / "run", width=16, blocks=1,
+           loss=LossConfig(init_temperature=0.05),
+           train=TrainConfig(epochs=2, batch_size=8, lr=5.0, tensorboard=False), progress=False)
+    _, loss, _ = RunDir(tmp_path / "run").load_model()
+    assert math.log(0.01) - 1e-6 <= loss.log_temperature.item() <= math.log(1.0) + 1e-6
+
+
 def test_detach_targets_stops_target_gradient() -> None:
     gen = torch.Generator().manual_seed(3)
     a0, b0 = torch.randn(5, 6, generator=gen), torch.randn(5, 6, generator=gen)
