@@ -42,7 +42,8 @@ def test_a_mistyped_hub_id_fails_in_one_line_offline_and_without_network(tmp_pat
         "(--encoder path/to/model), or download the model into the Hugging Face cache where there is network "
         "(`hf download ID`)"]
     # online mode, but nothing answers where the hub should be: one request, no retries, the same kind of line
-    unreachable = cli(*args, env={**empty_cache, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    unreachable = cli(*args, env={**empty_cache, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+                                  "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
     line, = unreachable.stderr.strip().splitlines()
     assert "is not in the local Hugging Face cache and the hub cannot be reached" in line

@@ -502,7 +502,7 @@ def textcaps_to_manifests(annotation_files: Sequence[PathLike], out_dir: PathLik
     written: list[str] = []
     pending: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []
     for source in annotation_files:
-        data = load_json(source)
+        data = load_json(source, "a TextCaps JSON file (TextCaps_0.1_train.json)")
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise DatasetError(f"{source}: expected a JSON object with a 'data' list (TextCaps format)")
