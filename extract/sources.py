@@ -265,7 +265,8 @@ def _hf_rows(path: str) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]
                            f"(--inputs {folder / (splits[0] if splits else 'SPLIT')})")
     state_path = folder / "state.json"
     if not state_path.is_file():
-        raise DatasetError(f"{folder}: not a Hugging Face save_to_disk folder (no state.json)")
+        raise DatasetError(f"{folder}: not a Hugging Face save_to_disk folder (no state.json); for a folder of media "
+                           f"files give a glob (--inputs '{folder}/**/*.jpg')")
     try:
         files = [folder / entry["filename"] for entry in json.loads(state_path.read_text())["_data_files"]]
     except (ValueError, KeyError, TypeError) as exc:
