@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -80,8 +81,15 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="the project's version and its dependencies' (from their metadata), then exit")
-def main() -> None:
-    """Align modalities with frozen encoders: extract features once, train projection heads from the cache."""
+@click.option("-q", "--quiet", is_flag=True, help="only warnings and errors on stderr: no progress, no summaries")
+@click.option("-v", "--verbose", count=True, help="debug messages too, each with its time and logger")
+def main(quiet: bool, verbose: int) -> None:
+    """Align modalities with frozen encoders: extract features once, train projection heads from the cache.
+
+    Progress is a bar on a terminal and a log line every ONEENCODER_PROGRESS_SECONDS (30) elsewhere."""
+    from extract.progress import configure_logging
+
+    configure_logging(-1 if quiet else verbose)
 
 
 # ---- extract -----------------------------------------------------------------------------------------------------
@@ -89,7 +97,16 @@ def main() -> None:
 @click.option("--modality", type=click.Choice(["image", "text", "audio", "video"]), required=True)
 @click.option("--encoder", "encoder_spec", required=True,
               help="transformers model id or local directory, or MODULE:CALLABLE for a plugin encoder")
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSONL manifest of the items (or --inputs)")
+@click.option("--inputs", multiple=True, metavar="SOURCE",
+              help="instead of --manifest: WebDataset shards (*.tar, URLs), a save_to_disk folder, a .parquet file, "
+                   "media files ('videos/*.mp4') or @LIST.txt; repeatable")
+@click.option("--path-column", default=None, help="--inputs: table column or shard member (jpg) holding the media")
+@click.option("--text-column", default=None, help="--inputs: table column or shard member (txt) holding the text")
+@click.option("--id-column", default=None, help="--inputs: table column holding item ids (default: the row number)")
+@click.option("--inputs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--inputs: folder for the equivalent manifest and unpacked media (default: the user cache)")
 @click.option("--store", required=True, help="output store directory; '{key}' in it is replaced by the cache key")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
@@ -119,13 +136,23 @@ def main() -> None:
 @click.option("--frame-pool", type=click.Choice(["mean", "keep"]), default="mean", show_default=True,
               help="video with an image encoder: mean of frames' tokens, or all frames' tokens concatenated")
 @friendly_errors
-def extract(modality, encoder_spec, manifest, store, batch_size, device, dtype, keep, pool, layer, max_tokens,
-            workers, shard_mb, on_error, overwrite, sample_rate, max_seconds, segment, frames, sampling, fps, clips,
-            frame_pool, resampler) -> None:
-    """Run a frozen encoder over a manifest once and cache its tokens in a sharded Zarr v3 store."""
+def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, id_column, inputs_dir, store,
+            batch_size, device, dtype, keep, pool, layer, max_tokens, workers, shard_mb, on_error, overwrite,
+            sample_rate, max_seconds, segment, frames, sampling, fps, clips, frame_pool, resampler) -> None:
+    """Run a frozen encoder over a manifest (or --inputs) once and cache its tokens in a sharded Zarr v3 store."""
     from extract.run import default_workers, run_extraction
     from pipeline.distributed import session
 
+    if (manifest is None) == (not inputs):
+        raise click.UsageError("give either --manifest or --inputs")
+    if inputs:
+        from extract.sources import inputs_manifest
+
+        manifest = inputs_manifest(inputs, modality, path_column=path_column, text_column=text_column,
+                                   id_column=id_column, inputs_dir=inputs_dir)
+        logging.getLogger("extract").info("inputs: equivalent manifest %s", manifest)
+    elif path_column or text_column or id_column or inputs_dir:
+        raise click.UsageError("--path-column, --text-column, --id-column and --inputs-dir go with --inputs")
     if workers == "auto":
         workers = default_workers()
     elif not str(workers).isdigit():
@@ -149,12 +176,13 @@ def manifest() -> None:
 @click.argument("annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--split", default=None, help="split name of the outputs (default: the file name without captions_)")
 @friendly_errors
-def manifest_coco(annotations, images, out) -> None:
-    """COCO captions JSON -> images.jsonl + captions.jsonl (captions 'ref' their image)."""
+def manifest_coco(annotations, images, out, split) -> None:
+    """COCO captions JSON -> SPLIT.images.jsonl + SPLIT.captions.jsonl (captions 'ref' their image)."""
     from extract.adapters import coco_captions_to_manifests
 
-    for path in coco_captions_to_manifests(annotations, images, out):
+    for path in coco_captions_to_manifests(annotations, images, out, split=split):
         click.echo(path)
 
 
@@ -178,16 +206,17 @@ _TEST_FOLD = click.option("--test-fold", type=int, default=None,
 
 
 @manifest.command("flickr30k")
-@click.argument("karpathy_json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("captions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="the image folder (flickr30k-images)")
 @_OUT_DIR
 @friendly_errors
-def manifest_flickr30k(karpathy_json, images, out) -> None:
-    """Karpathy split JSON (dataset_flickr30k.json; also flickr8k/coco) -> SPLIT.images.jsonl + SPLIT.captions.jsonl."""
-    from extract.adapters import karpathy_to_manifests
+def manifest_flickr30k(captions, images, out) -> None:
+    """Karpathy split JSON (dataset_flickr30k.json; also flickr8k/coco) -> SPLIT.images.jsonl + SPLIT.captions.jsonl;
+    results_20130124.token or results.csv -> all.images.jsonl + all.captions.jsonl."""
+    from extract.adapters import flickr30k_to_manifests
 
-    click.echo("\n".join(karpathy_to_manifests(karpathy_json, images, out)))
+    click.echo("\n".join(flickr30k_to_manifests(captions, images, out)))
 
 
 @manifest.command("librispeech")
@@ -269,7 +298,8 @@ def manifest_cifar100(source, out, label) -> None:
 @_OUT_DIR
 @friendly_errors
 def manifest_msrvtt(annotations, videos, out) -> None:
-    """MSR-VTT annotation JSON(s) -> SPLIT.videos.jsonl + SPLIT.captions.jsonl (captions 'ref' their video)."""
+    """MSR-VTT annotation JSON(s) -> SPLIT.videos.jsonl + SPLIT.captions.jsonl (captions 'ref' their video);
+    MSRVTT_JSFUSION_test.csv -> the 1k-A split test1k.videos.jsonl + test1k.captions.jsonl."""
     from extract.adapters import msrvtt_to_manifests
 
     click.echo("\n".join(msrvtt_to_manifests(annotations, videos, out)))
@@ -376,6 +406,28 @@ def manifest_lsmdc(annotations, videos, out) -> None:
     from extract.adapters import lsmdc_to_manifests
 
     click.echo("\n".join(lsmdc_to_manifests(annotations, videos, out)))
+
+
+@manifest.command("table")
+@click.argument("table", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--modality", type=click.Choice(["image", "audio", "video"]), default="image", show_default=True)
+@click.option("--path-column", required=True, help="column holding the media paths (like --csv_img_key)")
+@click.option("--text-column", default=None, help="column holding the captions (like --csv_caption_key)")
+@click.option("--id-column", default=None, help="column holding the media ids (default: the path)")
+@click.option("--label-column", default=None, help="column holding a label for the media items")
+@click.option("--media-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="folder relative paths resolve against (default: the table's folder)")
+@click.option("--split", default=None, help="split name of the outputs (default: the table's file name)")
+@_OUT_DIR
+@friendly_errors
+def manifest_table(table, modality, path_column, text_column, id_column, label_column, media_root, split,
+                   out) -> None:
+    """Any CSV/TSV/Parquet of media paths (+ captions) -> SPLIT.{images,audio,videos}.jsonl (+ SPLIT.captions.jsonl)."""
+    from extract.adapters import table_to_manifests
+
+    click.echo("\n".join(table_to_manifests(table, out, modality=modality, path_column=path_column,
+                                            text_column=text_column, id_column=id_column, label_column=label_column,
+                                            media_root=media_root, split=split)))
 
 
 def _text_manifest_command(name: str, dataset: str, summary: str) -> None:

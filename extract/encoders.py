@@ -309,6 +309,49 @@ def _resolve_hf_dir(spec: str) -> tuple[Path, dict[str, Any]]:
     return snapshot, {"source": "hub", "spec": spec, "revision": snapshot.name}
 
 
+_LOCAL_HINT = ("pass a directory saved with save_pretrained instead (--encoder path/to/model), or download the model "
+               "into the Hugging Face cache where there is network (`hf download ID`)")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in {"1", "ON", "YES",
+                                                                                                     "TRUE"}
+
+
+def require_model_files(spec: str) -> None:
+    """Before transformers would download ``spec``: nothing to do for a local directory or a cached hub id; else
+    fail at once with one line when offline (``HF_HUB_OFFLINE``), when the hub cannot be reached, or when it has
+    no such model (a mistyped id), instead of minutes of retries and a long traceback. One request, no retries."""
+    if os.path.isdir(spec):
+        return
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return
+    except HFValidationError:
+        raise EncoderError(f"encoder {spec!r} is neither a local directory nor a Hugging Face model id; "
+                           f"{_LOCAL_HINT}") from None
+    if _offline():
+        raise EncoderNotCachedError(f"encoder {spec!r} is neither a local directory nor in the local Hugging Face "
+                                    f"cache, and HF_HUB_OFFLINE is set; {_LOCAL_HINT}")
+    try:
+        HfApi().model_info(spec, timeout=10)
+    except GatedRepoError:
+        raise EncoderError(f"encoder {spec!r} is a gated model: accept its terms on the hub and log in "
+                           f"(`hf auth login`), or {_LOCAL_HINT}") from None
+    except RepositoryNotFoundError:
+        raise EncoderError(f"encoder {spec!r}: no such local directory and no such model on the Hugging Face hub "
+                           f"(mistyped?); {_LOCAL_HINT}") from None
+    except Exception as exc:  # DNS, refused connection, proxy, timeout: anything that is not the hub's answer
+        raise EncoderNotCachedError(f"encoder {spec!r} is not in the local Hugging Face cache and the hub cannot be "
+                                    f"reached ({type(exc).__name__}: {' '.join(str(exc).split())}); set HF_HUB_OFFLINE=1 on machines "
+                                    f"without network and {_LOCAL_HINT}") from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -519,6 +562,7 @@ def _frame_mode(spec: str) -> bool:
     except EncoderNotCachedError:
         from transformers import AutoConfig
 
+        require_model_files(spec)  # offline or unreachable: one line now, not retries and a traceback
         config, has_video_processor = AutoConfig.from_pretrained(spec).to_dict(), False  # downloads the config
     return not _is_video_config(config, has_video_processor)
 
@@ -1163,6 +1207,8 @@ def load_encoder(
     _check_modality(modality)
     _check_frame_pool(frame_pool)
     media = _media_options(modality, audio, video)
+    if _plugin_target(spec) is None:
+        require_model_files(spec)  # a hub id neither cached nor reachable fails here, in one line
     if modality == "video" and _frame_mode(spec):
         assert isinstance(media, VideoOptions)
         image = load_encoder(spec, "image", layer=layer, max_tokens=max_tokens, device=device, options=options)

@@ -12,17 +12,16 @@ batch may hold more store items than manifest items; failures to decode are reco
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .encoders import (
     EncoderNotCachedError,
@@ -34,6 +33,7 @@ from .encoders import (
 )
 from .manifest import Item, ManifestError, manifest_sha256, read_manifest
 from .media import AudioOptions, VideoOptions
+from .progress import progress_bar
 
 __all__ = ["DTYPES", "ExtractionError", "ExtractionOptionsError", "ExtractionResult", "run_extraction"]
 
@@ -69,9 +69,12 @@ class ExtractionResult:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
+logger = logging.getLogger(__name__)
+
+
 def _say(message: str, enabled: bool) -> None:
     if enabled:
-        print(message, file=sys.stderr, flush=True)
+        logger.info(message)
 
 
 def _human_bytes(n: int) -> str:
@@ -337,7 +340,8 @@ def run_extraction(
     ``StoreMismatchError`` unless ``overwrite``. ``keep="pooled"`` stores one vector per item (``pool``: masked
     "mean" or "cls" = token 0). ``on_error="skip"`` records failed items in the store; ``"fail"`` raises
     :class:`ExtractionError` at the first one. ``encoder_options`` are extra keyword arguments for plugins.
-    ``progress`` enables the progress bar (only on a TTY) and the summary lines on stderr.
+    ``progress`` enables the progress (a bar on a terminal, else a line at a steady interval) and the summary
+    lines, all through :mod:`logging` (logger ``extract.run``, ``extract.progress``; see :mod:`extract.progress`).
 
     Audio (``docs/media.md``): ``sample_rate`` (None/"auto" = the encoder's), ``max_seconds``, ``segment``
     ("drop" the tail, or "split" into ``"{id}#seg{k}"`` items) and ``resampler`` (None/"auto": torchaudio when
@@ -447,10 +451,8 @@ def run_extraction(
                         "manifest": os.path.abspath(manifest)},
         )
 
-    bar = tqdm(
-        total=len(items), initial=start_index, unit="item", desc=f"extract {modality}", dynamic_ncols=True,
-        disable=not (progress and sys.stderr.isatty()),
-    )
+    bar = progress_bar(total=len(items), initial=start_index, unit="item", desc=f"extract {modality}",
+                       enabled=progress)
     try:
         n_failed, first_failures = _encode_into(
             writer, items[start_index:], encoder, bar, batch_size=batch_size, workers=workers, device=device,
@@ -631,9 +633,8 @@ def _extract_distributed(items: list[Item], identity: dict[str, Any], encoder: F
         per_part = batch_size * int(plan["batches_per_part"])  # items per part: whole batches, as one process runs
         parts = [staging.part_path(store_path, i) for i in range(math.ceil(len(items) / per_part))]
         mine = list(range(rank, len(parts), world))
-        bar = tqdm(total=sum(len(items[i * per_part:(i + 1) * per_part]) for i in mine), unit="item",
-                   desc=f"extract {modality} (rank {rank})", dynamic_ncols=True,
-                   disable=not (talk and sys.stderr.isatty()))
+        bar = progress_bar(total=sum(len(items[i * per_part:(i + 1) * per_part]) for i in mine), unit="item",
+                           desc=f"extract {modality} (rank {rank})", enabled=talk)
         try:
             for i in mine:
                 chunk = items[i * per_part:(i + 1) * per_part]

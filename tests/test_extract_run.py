@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import textwrap
 import time
 from pathlib import Path
@@ -204,8 +205,9 @@ def test_workers_give_the_same_store(tiny_image_model: str, image_manifest: str,
 
 
 def test_incomplete_store_is_resumed(
-    tiny_text_model: str, text_manifest: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_text_model: str, text_manifest: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="extract")
     done = run_extraction(text_manifest, "text", tiny_text_model, tmp_path / "ref", progress=False)
     crashed = tmp_path / "crashed"
     writer = StoreWriter.create(
@@ -216,7 +218,7 @@ def test_incomplete_store_is_resumed(
     assert store_status(crashed, done.identity) == "incomplete"
     result = run_extraction(text_manifest, "text", tiny_text_model, crashed, progress=True)
     assert result.status == "written" and len(FeatureStore.open(crashed)) == 5
-    err = capsys.readouterr().err
+    err = caplog.text  # the messages go through logging (extract.run)
     assert "incomplete: resuming at item 1 of 5" in err and "items/s" in err
     ref, got = FeatureStore.open(tmp_path / "ref"), FeatureStore.open(crashed)
     assert got.ids == ref.ids and torch.equal(got.get_batch(range(5))[0], ref.get_batch(range(5))[0])

@@ -3,7 +3,7 @@
 One module per family: :mod:`.image` (COCO captions, image folders, Karpathy splits / Flickr30k, CIFAR-10/100,
 DAQUAR questions, TextCaps, Oxford-IIIT Pets, Caltech-101, Tiny ImageNet), :mod:`.audio` (LibriSpeech, ESC-50,
 UrbanSound8K, GTZAN), :mod:`.video` (MSR-VTT, MSVD, LSMDC), :mod:`.text`
-(SST-2, TREC, Emotion, any text table). Malformed input raises :class:`DatasetError` naming the file and line (or entry).
+(SST-2, TREC, Emotion, any text table), :mod:`.table` (any media + caption CSV or Parquet). Malformed input raises :class:`DatasetError` naming the file and line (or entry).
 Media paths are written relative to the manifest's folder when possible, so the pair can be moved together.
 """
 
@@ -14,14 +14,16 @@ from .image import (
     cifar_to_manifests,
     coco_captions_to_manifests,
     daquar_to_manifests,
+    flickr30k_to_manifests,
     image_folder_to_manifest,
     karpathy_to_manifests,
     oxford_pets_to_manifests,
     textcaps_to_manifests,
     tiny_imagenet_to_manifests,
 )
+from .table import table_to_manifests
 from .text import TEXT_FORMATS, text_classification_to_manifests
-from .video import lsmdc_to_manifests, msrvtt_to_manifests, msvd_to_manifests
+from .video import lsmdc_to_manifests, msrvtt_1ka_to_manifests, msrvtt_to_manifests, msvd_to_manifests
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -34,14 +36,17 @@ __all__ = [
     "coco_captions_to_manifests",
     "daquar_to_manifests",
     "esc50_to_manifests",
+    "flickr30k_to_manifests",
     "gtzan_to_manifests",
     "image_folder_to_manifest",
     "karpathy_to_manifests",
     "librispeech_to_manifests",
     "lsmdc_to_manifests",
+    "msrvtt_1ka_to_manifests",
     "msrvtt_to_manifests",
     "msvd_to_manifests",
     "oxford_pets_to_manifests",
+    "table_to_manifests",
     "text_classification_to_manifests",
     "textcaps_to_manifests",
     "tiny_imagenet_to_manifests",

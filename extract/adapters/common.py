@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,23 @@ def write_splits(out_dir: PathLike, splits: Mapping[str, Sequence[Mapping[str, A
     return written
 
 
+def write_text_file(path: PathLike, text: str) -> str:
+    """Write ``text`` (UTF-8) to ``path`` atomically, like the manifests: a temp file renamed into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".out-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def require_file(path: PathLike, what: str) -> Path:
     """``path`` as a Path, or a :class:`DatasetError` saying which file of the dataset is missing."""
     path = Path(path)
@@ -68,12 +86,15 @@ def require_dir(path: PathLike, what: str) -> Path:
     return path
 
 
-def load_json(path: PathLike) -> Any:
-    """A JSON file, or a :class:`DatasetError` with the file, line and column of the syntax error."""
+def load_json(path: PathLike, expected: str | None = None) -> Any:
+    """A JSON file, or a :class:`DatasetError` with the file, line and column of the syntax error; a file that is
+    not JSON at all (a CSV given for the JSON file) is named as such, with the ``expected`` format when given."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except json.JSONDecodeError as exc:
+        if expected and exc.pos == len(exc.doc) - len(exc.doc.lstrip()):  # fails at its first character
+            raise DatasetError(f"{path}: not a JSON file; expected {expected}") from exc
         raise DatasetError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc

@@ -27,24 +27,28 @@ from .common import (
     require_dir,
     require_file,
     write_splits,
+    write_text_file,
 )
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")  # written in this order; any other split name after them
 
 
 def coco_captions_to_manifests(annotations_json: PathLike, images_dir: PathLike, out_dir: PathLike,
-                               ) -> tuple[str, str]:
-    """Write ``images.jsonl`` and ``captions.jsonl`` into ``out_dir`` from a COCO captions file.
+                               split: str | None = None) -> tuple[str, str]:
+    """Write ``{split}.images.jsonl`` and ``{split}.captions.jsonl`` into ``out_dir`` from a COCO captions file.
 
-    Image item ids are the COCO image ids, caption item ids the annotation ids (both as strings); each caption's
-    ``ref`` is its image's item id. Items keep the annotation file's order. A caption whose ``image_id`` is not
-    among the images raises :class:`DatasetError` rather than being dropped silently.
+    ``split`` defaults to the file name without ``captions_`` (``captions_train2017.json`` -> ``train2017``), so
+    the train and val files can share one ``out_dir``. Image item ids are the COCO image ids, caption item ids the
+    annotation ids (both as strings); each caption's ``ref`` is its image's item id and its text is stripped of
+    surrounding white space. Items keep the annotation file's order. A caption whose ``image_id`` is not among
+    the images, or an images folder holding none of the listed files, raises :class:`DatasetError` before
+    anything is written.
     """
-    data = load_json(annotations_json)
-    if not isinstance(data, dict):
-        raise DatasetError(f"{annotations_json}: expected a JSON object with 'images' and 'annotations'")
-    out = os.fspath(out_dir)
-    os.makedirs(out, exist_ok=True)
+    data = load_json(annotations_json, "a COCO captions JSON file (captions_train2017.json)")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{annotations_json}: expected a COCO captions JSON object with 'images' and "
+                           "'annotations' lists (captions_train2017.json)")
+    split = split or Path(annotations_json).stem.removeprefix("captions_") or "all"
     images: list[dict[str, Any]] = []
     image_ids: set[str] = set()
     for k, img in enumerate(data.get("images", [])):
@@ -54,22 +58,29 @@ def coco_captions_to_manifests(annotations_json: PathLike, images_dir: PathLike,
         if image_id in image_ids:
             raise DatasetError(f"{annotations_json}: duplicate image id {image_id}")
         image_ids.add(image_id)
-        images.append({"id": image_id, "path": rel_path(os.path.join(images_dir, img["file_name"]), out)})
+        images.append({"id": image_id, "path": os.path.abspath(os.path.join(images_dir, img["file_name"]))})
     captions: list[dict[str, Any]] = []
     orphans: list[str] = []
     for k, ann in enumerate(data.get("annotations", [])):
-        if not isinstance(ann, dict) or not {"id", "image_id", "caption"} <= set(ann):
-            raise DatasetError(f"{annotations_json}: annotations[{k}] needs 'id', 'image_id' and 'caption'")
+        if not isinstance(ann, dict) or not {"id", "image_id", "caption"} <= set(ann) \
+                or not isinstance(ann["caption"], str):
+            raise DatasetError(f"{annotations_json}: annotations[{k}] needs 'id', 'image_id' and a 'caption' string")
         image_id = str(ann["image_id"])
         if image_id not in image_ids:
             orphans.append(str(ann["id"]))
             continue
-        captions.append({"id": str(ann["id"]), "text": ann["caption"], "ref": image_id})
+        captions.append({"id": str(ann["id"]), "text": ann["caption"].strip(), "ref": image_id})
     if orphans:
         shown = ", ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else "")
         raise DatasetError(f"{annotations_json}: {len(orphans)} caption(s) refer to unknown images: {shown}")
-    image_manifest = write_manifest(os.path.join(out, "images.jsonl"), images)
-    text_manifest = write_manifest(os.path.join(out, "captions.jsonl"), captions)
+    if not images:
+        raise DatasetError(f"{annotations_json}: the 'images' list is empty")
+    if not captions:
+        raise DatasetError(f"{annotations_json}: no captions (is this an instances_*.json file rather than "
+                           "captions_*.json?)")
+    check_some_exist([r["path"] for r in images], annotations_json, images_dir)
+    image_manifest, = write_splits(out_dir, {split: images}, "images")
+    text_manifest, = write_splits(out_dir, {split: captions}, "captions")
     return image_manifest, text_manifest
 
 
@@ -109,7 +120,7 @@ def karpathy_to_manifests(karpathy_json: PathLike, images_dir: PathLike, out_dir
     are the file names without extension (``1000092795``); caption ids are ``sentid`` (else ``{image id}_{k}``),
     each caption's ``ref`` is its image. Image paths are ``images_dir/[filepath/]filename``.
     """
-    data = load_json(karpathy_json)
+    data = load_json(karpathy_json, f"one of {_FLICKR_FORMATS}")
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise DatasetError(f"{karpathy_json}: expected a JSON object with an 'images' list (Karpathy split format)")
@@ -154,6 +165,87 @@ def karpathy_to_manifests(karpathy_json: PathLike, images_dir: PathLike, out_dir
             written += write_splits(out_dir, {split: images[split]}, "images")
             written += write_splits(out_dir, {split: captions[split]}, "captions")
     return written
+
+
+_FLICKR_TOKEN = re.compile(r"^(?P<file>[^#\t]+)#(?P<k>\d+)\t(?P<text>.*)$")
+_FLICKR_FORMATS = ("the Karpathy split JSON (dataset_flickr30k.json), results_20130124.token "
+                   "('IMAGE.jpg#K<TAB>caption' lines) or results.csv ('image_name| comment_number| comment')")
+
+
+def flickr30k_to_manifests(captions_file: PathLike, images_dir: PathLike, out_dir: PathLike) -> list[str]:
+    """Any of Flickr30k's caption files -> manifests: the Karpathy split JSON (:func:`karpathy_to_manifests`),
+    the distribution's own ``results_20130124.token`` or the widely shared ``results.csv``.
+
+    The token file has ``1000092795.jpg#0<TAB>Two young guys ...`` lines; ``results.csv`` has the header
+    ``image_name| comment_number| comment`` and ``|``-separated rows (a row whose number and caption are separated
+    by a space instead of ``|``, as one row of the shared file is, is read as meant). Neither holds a split: they
+    give ``all.images.jsonl`` + ``all.captions.jsonl``; image id = the file name without extension
+    (``1000092795``, as the Karpathy JSON gives), caption id ``{image id}_{k}`` with k = the caption number,
+    ``ref`` = the image. The format is recognised from the file's first line; any other file is an error naming the
+    three formats.
+    """
+    source = require_file(captions_file, "Flickr30k caption file")
+    lines = read_text_lines(source)
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if first.startswith("{"):
+        return karpathy_to_manifests(source, images_dir, out_dir)
+    if _FLICKR_TOKEN.match(first):
+        rows = _flickr_token_rows(source, lines)
+    elif first.replace(" ", "").lower() == "image_name|comment_number|comment":
+        rows = _flickr_csv_rows(source, lines)
+    else:
+        raise DatasetError(f"{source}:1: not a Flickr30k caption file: expected {_FLICKR_FORMATS}")
+    images: dict[str, dict[str, Any]] = {}
+    captions: list[dict[str, Any]] = []
+    caption_where: dict[str, str] = {}
+    for where, file_name, k, text in rows:
+        image_id = os.path.splitext(file_name)[0]
+        images.setdefault(image_id, {"id": image_id, "path": os.path.abspath(os.path.join(images_dir, file_name))})
+        caption_id = f"{image_id}_{k}"
+        if caption_id in caption_where:
+            raise DatasetError(f"{where}: caption {k} of {file_name} is already at {caption_where[caption_id]}")
+        caption_where[caption_id] = where
+        if not text:
+            raise DatasetError(f"{where}: empty caption")
+        captions.append({"id": caption_id, "text": text, "ref": image_id})
+    if not captions:
+        raise DatasetError(f"{source}: no captions")
+    check_some_exist([r["path"] for r in images.values()], source, images_dir)
+    return [*write_splits(out_dir, {"all": list(images.values())}, "images"),
+            *write_splits(out_dir, {"all": captions}, "captions")]
+
+
+def _flickr_token_rows(source: Path, lines: list[str]) -> list[tuple[str, str, int, str]]:
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        found = _FLICKR_TOKEN.match(line.rstrip("\r\n"))
+        if not found:
+            raise DatasetError(f"{source}:{lineno}: expected 'IMAGE.jpg#K<TAB>caption' (results_20130124.token), "
+                               f"got {line.strip()[:60]!r}")
+        rows.append((f"{source}:{lineno}", found["file"].strip(), int(found["k"]), found["text"].strip()))
+    return rows
+
+
+def _flickr_csv_rows(source: Path, lines: list[str]) -> list[tuple[str, str, int, str]]:
+    rows = []
+    header_seen = False
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not header_seen:
+            header_seen = True
+            continue
+        file_name, bar, rest = line.partition("|")
+        number, bar2, text = rest.partition("|")
+        if bar and not bar2:  # 'IMAGE| 4 caption': the second separator is missing
+            number, _, text = rest.strip().partition(" ")
+        if not bar or not number.strip().isdigit() or not file_name.strip():
+            raise DatasetError(f"{source}:{lineno}: expected 'image_name| comment_number| comment' "
+                               f"(results.csv), got {line.strip()[:60]!r}")
+        rows.append((f"{source}:{lineno}", file_name.strip(), int(number), text.strip()))
+    return rows
 
 
 # ---- CIFAR-10 / CIFAR-100 python pickles ---------------------------------------------------------------------------
@@ -225,14 +317,15 @@ def cifar_to_manifests(source: PathLike, out_dir: PathLike, variant: str | None 
         batches = {"train": [folder / "train"], "test": [folder / "test"]}
     classes = _names(_load_batch(meta_path), names_key, meta_path)
     out = Path(out_dir)
+    # Every batch is read and checked before the first PNG is written: a bad batch leaves nothing behind.
+    arrays = {split: [_batch_arrays(_load_batch(require_file(path, f"{found} batch {path.name}")), label_key, path,
+                                    len(classes)) for path in paths] for split, paths in batches.items()}
     splits: dict[str, list[dict[str, Any]]] = {}
-    for split, paths in batches.items():
+    for split, loaded in arrays.items():
         records: list[dict[str, Any]] = []
         image_dir = out / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
-        for path in paths:
-            batch = _load_batch(require_file(path, f"{found} batch {path.name}"))
-            pixels, labels = _batch_arrays(batch, label_key, path, len(classes))
+        for pixels, labels in loaded:
             for row, lab in zip(pixels, labels, strict=True):
                 item_id = f"{split}-{len(records):05d}"
                 target = image_dir / f"{len(records):05d}.png"
@@ -241,7 +334,7 @@ def cifar_to_manifests(source: PathLike, out_dir: PathLike, variant: str | None 
                 records.append({"id": item_id, "path": str(target.resolve()), "label": classes[int(lab)]})
         splits[split] = records
     written = write_splits(out, splits)
-    (out / "classes.txt").write_text("".join(f"{name}\n" for name in classes), encoding="utf-8")
+    write_text_file(out / "classes.txt", "".join(f"{name}\n" for name in classes))
     return [*written, str(out / "classes.txt")]
 
 
@@ -272,22 +365,28 @@ def _save_png(pixels: np.ndarray, target: Path) -> None:
 
 # ---- DAQUAR (visual question answering on NYU-Depth V2 images) -----------------------------------------------------
 DAQUAR_SUBSETS = ("37", "894")  # reduced DAQUAR (37 object classes) and full DAQUAR (894)
-_DAQUAR_SPLITS = ("train", "test")
+# Question files per split, as the distribution names them: reduced DAQUAR's test file is qa.37.raw.reduced.test.txt.
+_DAQUAR_FILES = {"train": ("qa.{s}.raw.train.txt",), "test": ("qa.{s}.raw.test.txt", "qa.{s}.raw.reduced.test.txt")}
+_DAQUAR_FILE = re.compile(r"^qa\.(\d+)\.raw\..*\.txt$")
 _DAQUAR_IMAGE = re.compile(r"\bimage(\d+)\b")
 _DAQUAR_IMAGE_DIRS = ("images", "nyu_depth_images")
 
 
 def daquar_to_manifests(source: PathLike, out_dir: PathLike, images_dir: PathLike | None = None,
                         subset: str | None = None) -> list[str]:
-    """DAQUAR's ``qa.{37,894}.raw.{train,test}.txt`` -> per split ``{split}.images.jsonl`` (the split's distinct
-    images, id ``image{N}``, path ``images_dir/image{N}.png``) and ``{split}.questions.jsonl`` (id ``{split}-{k}``
-    for the k-th question of the file, ``text`` = the question, ``ref`` = its image id, ``label`` = its answer).
+    """DAQUAR's ``qa.{37,894}.raw.{train,test}.txt`` (reduced DAQUAR's test file may be
+    ``qa.37.raw.reduced.test.txt``) -> per split ``{split}.images.jsonl`` (the split's distinct images, id
+    ``image{N}``, path ``images_dir/image{N}.png``) and ``{split}.questions.jsonl`` (id ``{split}-{k}`` for the k-th
+    question of the file, ``text`` = the question, ``ref`` = its image id, ``label`` = its answer).
 
     The raw files alternate a question line ("what is on the desk in the image3 ?") and an answer line
     ("book, scissor, papers"). The image number is taken from the question and replaced there by "the image"
     ("... on the desk in the image ?"): it is the item's ``ref``, not language, and the encoder should not see it.
     Multi-word answers are written as their comma-separated items joined by ", ". ``subset`` picks ``37`` or
     ``894`` when both are in ``source``; ``images_dir`` defaults to ``source/images`` or ``source/nyu_depth_images``.
+    When both ``qa.S.raw.test.txt`` and ``qa.S.raw.reduced.test.txt`` are present the second is split
+    ``reduced-test``. A ``qa.S.raw.*.txt`` file of another name is an error, never skipped; nothing is written
+    until every file has been read and the images folder checked.
     """
     folder = require_dir(source, "DAQUAR folder")
     subset = _daquar_subset(folder, subset)
@@ -296,27 +395,44 @@ def daquar_to_manifests(source: PathLike, out_dir: PathLike, images_dir: PathLik
     if images_root is None:
         raise DatasetError(f"{folder}: no images folder ({' or '.join(_DAQUAR_IMAGE_DIRS)}); pass --images")
     require_dir(images_root, "DAQUAR images folder")
-    written: list[str] = []
-    all_paths: list[str] = []
-    for split in _DAQUAR_SPLITS:
-        path = folder / f"qa.{subset}.raw.{split}.txt"
-        if not path.is_file():
-            continue
+    files = _daquar_files(folder, subset)
+    splits: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    for split, path in files:
         questions = _read_daquar(path, split)
         images: dict[str, dict[str, Any]] = {}
         for record in questions:
             image_id = record["ref"]
             if image_id not in images:
                 images[image_id] = {"id": image_id, "path": os.path.abspath(images_root / f"{image_id}.png")}
-        all_paths += [r["path"] for r in images.values()]
-        written += write_splits(out_dir, {split: list(images.values())}, "images")
+        splits[split] = (list(images.values()), questions)
+    check_some_exist([r["path"] for images, _ in splits.values() for r in images], folder, images_root)
+    written: list[str] = []
+    for split, (images_list, questions) in splits.items():
+        written += write_splits(out_dir, {split: images_list}, "images")
         written += write_splits(out_dir, {split: questions}, "questions")
-    check_some_exist(all_paths, folder, images_root)
     return written
 
 
+def _daquar_files(folder: Path, subset: str) -> list[tuple[str, Path]]:
+    """``(split, file)`` for every question file of ``subset``; an unknown ``qa.S.raw.*.txt`` name is an error."""
+    found: list[tuple[str, Path]] = []
+    known: set[str] = set()
+    for split, patterns in _DAQUAR_FILES.items():
+        names = [pattern.format(s=subset) for pattern in patterns]
+        known.update(names)
+        present = [folder / name for name in names if (folder / name).is_file()]
+        found += [(split if k == 0 else f"reduced-{split}", path) for k, path in enumerate(present)]
+    unknown = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.startswith(f"qa.{subset}.raw.")
+                     and p.name.endswith(".txt") and p.name not in known)
+    if unknown:
+        raise DatasetError(f"{folder / unknown[0]}: not a DAQUAR question file name (expected "
+                           f"{', '.join(sorted(known))})")
+    return found
+
+
 def _daquar_subset(folder: Path, subset: str | None) -> str:
-    present = [s for s in DAQUAR_SUBSETS if any((folder / f"qa.{s}.raw.{sp}.txt").is_file() for sp in _DAQUAR_SPLITS)]
+    present = sorted({m.group(1) for p in folder.iterdir() if (m := _DAQUAR_FILE.match(p.name))} &
+                     set(DAQUAR_SUBSETS), key=DAQUAR_SUBSETS.index)
     if subset is not None:
         if subset not in DAQUAR_SUBSETS:
             raise DatasetError(f"DAQUAR subset must be one of {', '.join(DAQUAR_SUBSETS)}, not {subset!r}")
@@ -324,7 +440,8 @@ def _daquar_subset(folder: Path, subset: str | None) -> str:
             raise DatasetError(f"{folder}: no qa.{subset}.raw.train.txt or qa.{subset}.raw.test.txt")
         return subset
     if not present:
-        raise DatasetError(f"{folder}: no DAQUAR question files (qa.37.raw.train.txt, qa.894.raw.test.txt, ...)")
+        raise DatasetError(f"{folder}: no DAQUAR question files (qa.37.raw.train.txt, qa.37.raw.reduced.test.txt, "
+                           "qa.894.raw.test.txt, ...)")
     if len(present) > 1:
         raise DatasetError(f"{folder}: holds both reduced (qa.37.*) and full (qa.894.*) DAQUAR; pick one with "
                            "--subset 37 or --subset 894")
@@ -385,7 +502,7 @@ def textcaps_to_manifests(annotation_files: Sequence[PathLike], out_dir: PathLik
     written: list[str] = []
     pending: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []
     for source in annotation_files:
-        data = load_json(source)
+        data = load_json(source, "a TextCaps JSON file (TextCaps_0.1_train.json)")
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise DatasetError(f"{source}: expected a JSON object with a 'data' list (TextCaps format)")
@@ -489,7 +606,7 @@ def oxford_pets_to_manifests(source: PathLike, out_dir: PathLike, label: str = "
                else [class_of[k][0] for k in sorted(class_of)])
     written = write_splits(out_dir, splits)
     classes_path = Path(out_dir) / "classes.txt"
-    classes_path.write_text("".join(f"{name}\n" for name in classes), encoding="utf-8")
+    write_text_file(classes_path, "".join(f"{name}\n" for name in classes))
     return [*written, str(classes_path)]
 
 
@@ -579,7 +696,7 @@ def caltech101_to_manifests(source: PathLike, out_dir: PathLike, per_class_train
             splits["test"] += [r for i, r in enumerate(records) if i in test]
     written = write_splits(out_dir, splits)
     classes_path = Path(out_dir) / "classes.txt"
-    classes_path.write_text("".join(f"{name}\n" for name in by_class), encoding="utf-8")
+    write_text_file(classes_path, "".join(f"{name}\n" for name in by_class))
     return [*written, str(classes_path)]
 
 
@@ -625,7 +742,7 @@ def tiny_imagenet_to_manifests(source: PathLike, out_dir: PathLike, label_names:
         raise DatasetError(f"{train}: no images under <wnid>/images/")
     written = write_splits(out_dir, splits)
     classes_path = Path(out_dir) / "classes.txt"
-    classes_path.write_text("".join(f"{names[w]}\n" for w in wnids), encoding="utf-8")
+    write_text_file(classes_path, "".join(f"{names[w]}\n" for w in wnids))
     return [*written, str(classes_path)]
 
 

@@ -41,8 +41,17 @@ def msrvtt_to_manifests(annotation_files: Sequence[PathLike], videos_dir: PathLi
     ``videos`` list every video of the file goes to a split named after the file. Video ids are ``video_id``
     (``video0``), found as ``<video_id>.<ext>`` anywhere under ``videos_dir`` (e.g. ``TrainValVideo/``,
     ``TestVideo/``); ``label`` = ``category`` when given. Caption ids are ``sen_id`` (else ``{video_id}_{k}``), each
-    caption's ``ref`` is its video.
+    caption's ``ref`` is its video. A single ``MSRVTT_JSFUSION_test.csv`` gives the 1k-A test split instead
+    (:func:`msrvtt_1ka_to_manifests`).
     """
+    if not annotation_files:
+        raise DatasetError("no MSR-VTT annotation file given")
+    if len(annotation_files) == 1 and Path(annotation_files[0]).suffix.lower() == ".csv":
+        return msrvtt_1ka_to_manifests(annotation_files[0], videos_dir, out_dir)
+    if not annotation_files:
+        raise DatasetError("no MSR-VTT annotation file given")
+    if len(annotation_files) == 1 and Path(annotation_files[0]).suffix.lower() == ".csv":
+        return msrvtt_1ka_to_manifests(annotation_files[0], videos_dir, out_dir)
     videos_root = require_dir(videos_dir, "videos folder")
     on_disk = _videos_by_stem(videos_root)
     videos: dict[str, list[dict[str, Any]]] = {}
@@ -50,10 +59,11 @@ def msrvtt_to_manifests(annotation_files: Sequence[PathLike], videos_dir: PathLi
     video_where: dict[str, str] = {}
     caption_where: dict[str, str] = {}
     per_video: dict[str, int] = {}
-    if not annotation_files:
-        raise DatasetError("no MSR-VTT annotation file given")
     for source in annotation_files:
-        data = load_json(source)
+        if Path(source).suffix.lower() == ".csv":
+            raise DatasetError(f"{source}: a CSV file; the MSR-VTT annotation JSON (train_val_videodatainfo.json, "
+                               "MSRVTT_data.json) is expected here, or MSRVTT_JSFUSION_test.csv alone (1k-A split)")
+        data = load_json(source, "the MSR-VTT annotation JSON (train_val_videodatainfo.json, MSRVTT_data.json)")
         sentences = data.get("sentences") if isinstance(data, dict) else None
         if not isinstance(sentences, list):
             raise DatasetError(f"{source}: expected a JSON object with a 'sentences' list (MSR-VTT format)")
@@ -106,6 +116,49 @@ def msrvtt_to_manifests(annotation_files: Sequence[PathLike], videos_dir: PathLi
         written += write_splits(out_dir, {split: videos[split]}, "videos")
         written += write_splits(out_dir, {split: captions.get(split, [])}, "captions")
     return written
+
+
+MSRVTT_1KA_SPLIT = "test1k"
+_MSRVTT_1KA_COLUMNS = ("key", "video_id", "sentence")
+
+
+def msrvtt_1ka_to_manifests(test_csv: PathLike, videos_dir: PathLike, out_dir: PathLike) -> list[str]:
+    """MSR-VTT's 1k-A test split (``MSRVTT_JSFUSION_test.csv``, the 1000 video-caption pairs text-to-video
+    retrieval papers report) + a videos folder -> ``test1k.videos.jsonl`` + ``test1k.captions.jsonl``.
+
+    The CSV has the header ``key,vid_key,video_id,sentence`` (some copies add a leading unnamed index column): one
+    caption per video. Video id = ``video_id`` (``video7579``), found as ``<video_id>.<ext>`` anywhere under
+    ``videos_dir``; caption id = ``key`` (``ret0``), ``text`` = ``sentence``, ``ref`` = the video.
+    """
+    source = Path(test_csv)
+    videos_root = require_dir(videos_dir, "videos folder")
+    try:
+        rows = list(read_table(source, ",", _MSRVTT_1KA_COLUMNS))
+    except DatasetError as exc:
+        raise DatasetError(f"{exc} (expected MSRVTT_JSFUSION_test.csv: a header 'key,vid_key,video_id,sentence')") \
+            from None
+    on_disk = _videos_by_stem(videos_root)
+    videos: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
+    video_line: dict[str, int] = {}
+    key_line: dict[str, int] = {}
+    for line, row in rows:
+        key, video_id, sentence = (row[c].strip() for c in _MSRVTT_1KA_COLUMNS)
+        if not key or not video_id or not sentence:
+            raise DatasetError(f"{source}:{line}: empty 'key', 'video_id' or 'sentence'")
+        if key in key_line:
+            raise DatasetError(f"{source}:{line}: key {key} repeats line {key_line[key]}")
+        key_line[key] = line
+        if video_id not in video_line:
+            video_line[video_id] = line
+            videos.append({"id": video_id, "path": str(Path(on_disk.get(video_id, videos_root / f"{video_id}.mp4"))
+                                                       .resolve())})
+        captions.append({"id": key, "text": sentence, "ref": video_id})
+    if not captions:
+        raise DatasetError(f"{source}: no rows")
+    check_some_exist([r["path"] for r in videos], source, videos_root)
+    return [*write_splits(out_dir, {MSRVTT_1KA_SPLIT: videos}, "videos"),
+            *write_splits(out_dir, {MSRVTT_1KA_SPLIT: captions}, "captions")]
 
 
 # ---- MSVD (Microsoft Research Video Description Corpus, "YouTube2Text") -------------------------------------------
