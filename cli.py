@@ -510,6 +510,8 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
     """The options a training command runs with, and the record of its preset. ``recorded`` (a resume): the stage's
     recorded options replace every option not given on the command line (the pipeline refuses given ones that
     differ); otherwise --preset's values replace the defaults of options not given."""
+    from dataclasses import fields
+
     from click.core import ParameterSource
 
     from pipeline.fit import TrainConfig
@@ -522,8 +524,6 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
         restored = {k: v for k, v in recorded.items() if k not in explicit and k not in ("device", "tensorboard")}
         options = {**options, **restored}
         return options, ({"name": options["preset"]} if options.get("preset") else None)
-    from dataclasses import fields
-
     extra = {f.name for f in fields(TrainConfig)} - {"device", "tensorboard"}
     return resolve_options(command, {k: v for k, v in options.items() if k != "preset"}, explicit,
                            options.get("preset"), extra)
