@@ -1094,7 +1094,7 @@ def bench(quick, out, device, as_json) -> None:
     report = run_bench("quick" if quick else "full", out, device=device,
                        echo=functools.partial(click.echo, err=True) if as_json else click.echo)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=2, default=float))  # as bench.json is written
 
 
 if __name__ == "__main__":

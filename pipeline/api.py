@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.embed import embed_store
-from pipeline.encode import extract_like_run
+from pipeline.encode import extract_like_run, input_records
 from pipeline.rundir import RunDir, RunError, check_compatible
 from stores import FeatureStore
 
@@ -71,11 +71,9 @@ class Run:
             return self._embed_tokens(modality, tokens, mask, batch_size)
         if isinstance(inputs, (str, os.PathLike)):
             inputs = [inputs]
-        field = "text" if modality == "text" else "path"
-        records = [{"id": str(i), field: str(v) if field == "text" else str(Path(v).resolve())}
-                   for i, v in enumerate(inputs)]
         with tempfile.TemporaryDirectory(prefix="run-embed-") as tmp:
-            store = extract_like_run(self.config, modality, records, encoder, Path(tmp), self.device)
+            store = extract_like_run(self.config, modality, input_records(modality, inputs), encoder, Path(tmp),
+                                     self.device)
             return embed_store(self.model, modality, store, batch_size=batch_size, device=self.device).numpy()
 
     @torch.no_grad()

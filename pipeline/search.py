@@ -230,19 +230,21 @@ def _chunks(total: int, size: int):
 
 
 def exact_topk(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, k: int,
-               query_chunk: int = 1024, gallery_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` by inner product: ``(scores [Q, k], gallery rows [Q, k])``, best first; ties go to the lower
-    row. ``gallery`` may be a memory-mapped array: it is read ``gallery_chunk`` rows at a time.
+               query_chunk: int = 1024, gallery_chunk: int = 65536,
+               device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` by inner product: ``(scores [Q, k], gallery rows [Q, k])`` on the CPU, best first; ties go to
+    the lower row. ``gallery`` may be a memory-mapped array: it is read ``gallery_chunk`` rows at a time and each
+    chunk is moved to ``device`` (default: where ``queries`` are), so a CUDA device does the products.
 
     Peak extra memory: ``4 * query_chunk * (gallery_chunk + 2k)`` bytes of scores plus one float32 gallery chunk
     (``4 * gallery_chunk * W``), whatever Q and N are (docs/evaluation.md, "Search")."""
-    q_all = torch.as_tensor(np.asarray(queries, dtype=np.float32)) if not torch.is_tensor(queries) else queries.float()
+    q_all = _queries(queries, device)
     n = len(gallery)
     k = min(k, n)
-    best_scores = torch.empty((len(q_all), k))
-    best_rows = torch.empty((len(q_all), k), dtype=torch.int64)
+    best_scores = torch.empty((len(q_all), k), device=q_all.device)
+    best_rows = torch.empty((len(q_all), k), dtype=torch.int64, device=q_all.device)
     for g0, g1 in _chunks(n, gallery_chunk):
-        block = _rows(gallery, g0, g1)
+        block = _rows(gallery, g0, g1).to(q_all.device)
         for q0, q1 in _chunks(len(q_all), query_chunk):
             scores = q_all[q0:q1] @ block.T
             top = scores.topk(min(k, g1 - g0), dim=1)  # topk is not stable: equal scores are re-sorted below
@@ -255,36 +257,42 @@ def exact_topk(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.T
             cand_s, cand_r = cand_s.gather(1, by_row), cand_r.gather(1, by_row)
             order = torch.argsort(cand_s, dim=1, descending=True, stable=True)[:, :k]
             best_scores[q0:q1], best_rows[q0:q1] = cand_s.gather(1, order), cand_r.gather(1, order)
-    return best_scores, best_rows
+    return best_scores.cpu(), best_rows.cpu()
+
+
+def _queries(queries: np.ndarray | torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+    q = queries.float() if torch.is_tensor(queries) else torch.from_numpy(np.array(queries, dtype=np.float32))
+    return q.to(device) if device is not None else q
 
 
 def _rows(matrix: np.ndarray | torch.Tensor, start: int, stop: int) -> torch.Tensor:
     if torch.is_tensor(matrix):
         return matrix[start:stop].float()
-    return torch.from_numpy(np.ascontiguousarray(matrix[start:stop], dtype=np.float32))
+    return torch.from_numpy(np.array(matrix[start:stop], dtype=np.float32))  # a copy: memory maps are read-only
 
 
 def first_relevant_ranks(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor,
                          relevant: Sequence[Sequence[int]], query_chunk: int = 1024,
-                         gallery_chunk: int = 65536) -> np.ndarray:
+                         gallery_chunk: int = 65536, device: str | torch.device | None = None) -> np.ndarray:
     """1-based rank of each query's best-scored relevant gallery row, ties counted against the query (the rule of
     ``pipeline.metrics.ranks_of_first_match``), computed chunk by chunk.
 
     ``relevant[i]``: the gallery rows relevant to query ``i`` (at least one). Two passes over the gallery: the
     first takes the best relevant score of each query, the second counts the irrelevant rows scoring at least as
-    well. Both read the scores from the same chunked products, so a relevant row is compared with itself exactly."""
-    q_all = torch.as_tensor(np.asarray(queries, dtype=np.float32)) if not torch.is_tensor(queries) else queries.float()
+    well. Both read the scores from the same chunked products, so a relevant row is compared with itself exactly.
+    ``device``: as for :func:`exact_topk`."""
+    q_all = _queries(queries, device)
     if len(relevant) != len(q_all):
         raise ValueError(f"{len(q_all)} queries but {len(relevant)} relevance lists")
     if any(len(r) == 0 for r in relevant):
         raise ValueError("every query needs at least one relevant target")
-    pair_query = torch.from_numpy(np.repeat(np.arange(len(relevant)), [len(r) for r in relevant]))
-    pair_row = torch.from_numpy(np.concatenate([np.asarray(r, dtype=np.int64) for r in relevant]))
-    best = torch.full((len(q_all),), -torch.inf)
-    better = torch.zeros(len(q_all), dtype=torch.int64)
+    pair_query = torch.from_numpy(np.repeat(np.arange(len(relevant)), [len(r) for r in relevant])).to(q_all.device)
+    pair_row = torch.from_numpy(np.concatenate([np.asarray(r, dtype=np.int64) for r in relevant])).to(q_all.device)
+    best = torch.full((len(q_all),), -torch.inf, device=q_all.device)
+    better = torch.zeros(len(q_all), dtype=torch.int64, device=q_all.device)
     for counting in (False, True):
         for g0, g1 in _chunks(len(gallery), gallery_chunk):
-            block = _rows(gallery, g0, g1)
+            block = _rows(gallery, g0, g1).to(q_all.device)
             for q0, q1 in _chunks(len(q_all), query_chunk):
                 scores = q_all[q0:q1] @ block.T
                 inside = (pair_query >= q0) & (pair_query < q1) & (pair_row >= g0) & (pair_row < g1)
@@ -294,4 +302,4 @@ def first_relevant_ranks(queries: np.ndarray | torch.Tensor, gallery: np.ndarray
                 else:
                     scores[pq, pr] = -torch.inf  # relevant rows never count against their query
                     better[q0:q1] += (scores >= best[q0:q1, None]).sum(1)
-    return (better + 1).numpy()
+    return (better + 1).cpu().numpy()
