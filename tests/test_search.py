@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline.embed import EmbedError, embed_store, embed_to_files, read_embeddings
 from pipeline.fit import LossConfig, TrainConfig, fit_up
@@ -105,6 +107,14 @@ def test_index_kinds_find_each_item_first(toy_run, tmp_path):
     assert report["results"][0]["id"] == ids[best] and len(report["results"]) == 40
     with pytest.raises(SearchError, match="not among the indexed items"):
         search(toy_run["run"], out, 3, item="nope")
+    # Another run's space is not comparable: a copy of the run with one weight changed is refused.
+    other = tmp_path / "other-run"
+    shutil.copytree(toy_run["run"], other)
+    tensors = load_file(str(other / "model.safetensors"))
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 1.0}, str(other / "model.safetensors"))
+    with pytest.raises(SearchError, match="other weights"):
+        search(other, out, 3, item="img0")
     # The index belongs to its embeddings: re-embedding another store there makes it stale.
     embed_to_files(toy_run["run"], toy_run["text"], out, overwrite=True)
     with pytest.raises(SearchError, match="no index.faiss"):
