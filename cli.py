@@ -42,7 +42,7 @@ KNOWN_ERRORS = (
     ("extract.run", "ExtractionError"), ("extract.adapters.common", "DatasetError"), ("stores.errors", "StoreError"),
     ("pipeline.rundir", "RunError"), ("pipeline.fit", "TrainingError"), ("pipeline.pairs", "PairingError"),
     ("pipeline.evaluate", "EvaluationError"), ("pipeline.cka", "CKAError"), ("pipeline.curate", "CurationError"),
-    ("pipeline.presets", "PresetError"),
+    ("pipeline.presets", "PresetError"), ("pipeline.embed", "EmbedError"),
 )
 
 
@@ -722,14 +722,15 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
 @click.option("--memory-gb", type=float, default=None, help="memory the full estimator may use (default: the store "
                                                             "RAM budget, ONEENCODER_RAM_BUDGET_GB or 4)")
 @click.option("--seed", default=0, show_default=True, help="order of the minibatches")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
 @friendly_errors
-def cka(store_paths, pairs_file, out, estimator, batch_size, memory_gb, seed) -> None:
+def cka(store_paths, pairs_file, out, estimator, batch_size, memory_gb, seed, as_json) -> None:
     """Rank image x text encoder pairs by linear CKA of their pooled features on paired samples (freeze-align)."""
     from pipeline.cka import format_ranking, store_cka
 
     report = store_cka(store_paths, pairs_file=pairs_file, estimator=estimator, batch_size=batch_size,
                        memory_gb=memory_gb, seed=seed, out=out)
-    click.echo(format_ranking(report))
+    click.echo(json.dumps(report, indent=2) if as_json else format_ranking(report))
 
 
 @main.command()
@@ -805,8 +806,9 @@ def eval_retrieval(run_dir, image_store, text_store, audio_store, video_store, d
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="FILE.html (self-contained page) or FILE.png (grid); default RUN/eval/retrieval-sheet.html")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
 @friendly_errors
-def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, thumb, out, device) -> None:
+def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, thumb, out, device, as_json) -> None:
     """Qualitative retrieval sheet (the paper's Figure 4): captions -> top-k images and images -> top-k captions,
     ground truth highlighted; images and texts come from the stores' manifests (ids when those changed)."""
     from pipeline.sheet import retrieval_sheet
@@ -815,6 +817,9 @@ def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, th
                   "image-to-text": ("image->text",)}[direction]
     report = retrieval_sheet(run_dir, image_store, text_store, out, queries=queries, k=k, seed=seed,
                              directions=directions, thumb=thumb, device=device)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
     for warning in report["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     for d, hits in report["hits_in_top_k"].items():
@@ -834,13 +839,17 @@ def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, th
               help="instead of text: a labelled store of another aligned modality whose items are the prompts, "
                    "e.g. spoken class names (the paper's Table VI)")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
 @friendly_errors
-def eval_zero_shot(run_dir, image_store, classes, template, text_encoder, prompt_store, device) -> None:
+def eval_zero_shot(run_dir, image_store, classes, template, text_encoder, prompt_store, device, as_json) -> None:
     """Classify images by similarity to prompts made from class names (or labelled audio clips); top-1..5 accuracy."""
     from pipeline.evaluate import evaluate_zero_shot
 
     report = evaluate_zero_shot(run_dir, image_store, classes, text_encoder, template=template, device=device,
                                 prompt_store=prompt_store)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
     accuracy = "  ".join(f"{k} {v:.3f}" for k, v in report["accuracy"].items())
     click.echo(f"zero-shot on {report['items']} images, {len(report['classes'])} classes: {accuracy}"
                f"  (chance top1 {report['chance_top1']:.3f})\nreport: {report['report_path']}")
@@ -863,16 +872,17 @@ def eval_zero_shot(run_dir, image_store, classes, template, text_encoder, prompt
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="report folder (default: RUN/eval)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
 @friendly_errors
 def eval_linear_probe(run_dir, train_store, test_store, features, epochs, lr, batch_size, weight_decay, eval_every,
-                      seed, device, out_dir) -> None:
+                      seed, device, out_dir, as_json) -> None:
     """Train a linear classifier on frozen cached features of a labelled store; test accuracy per checkpoint."""
     from pipeline.probe import linear_probe
 
     report = linear_probe(train_store, test_store, run_dir=run_dir, features=features, epochs=epochs, lr=lr,
                           batch_size=batch_size, weight_decay=weight_decay, eval_every=eval_every, seed=seed,
-                          device=device, out_dir=out_dir, progress=True)
-    _print_classification(report)
+                          device=device, out_dir=out_dir, progress=not as_json)  # stdout: JSON only
+    click.echo(json.dumps(report, indent=2, ensure_ascii=False)) if as_json else _print_classification(report)
 
 
 def _print_classification(report: dict) -> None:
@@ -899,18 +909,20 @@ def _print_classification(report: dict) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the report and the fine-tuned weights (default: RUN/eval)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
 @friendly_errors
 def eval_fine_tune(run_dir, train_store, test_store, epochs, lr, batch_size, weight_decay, eval_every, seed, device,
-                   out_dir) -> None:
+                   out_dir, as_json) -> None:
     """The paper's fine-tuning protocol: the run's head (UP + the modality's adapter) trains with a linear
     classifier on its aligned embedding, from cached tokens (encoders frozen); test accuracy per epoch. The
     fine-tuned weights go to OUT/fine-tune-<test store>-<key>--train-<train store>-<key>/, never over the run's own
     model."""
     from pipeline.probe import fine_tune
 
-    _print_classification(fine_tune(train_store, test_store, run_dir, epochs=epochs, lr=lr, batch_size=batch_size,
-                                    weight_decay=weight_decay, eval_every=eval_every, seed=seed, device=device,
-                                    out_dir=out_dir, progress=True))
+    report = fine_tune(train_store, test_store, run_dir, epochs=epochs, lr=lr, batch_size=batch_size,
+                       weight_decay=weight_decay, eval_every=eval_every, seed=seed, device=device, out_dir=out_dir,
+                       progress=not as_json)  # stdout: JSON only
+    click.echo(json.dumps(report, indent=2, ensure_ascii=False)) if as_json else _print_classification(report)
 
 
 @main.command("report")
@@ -955,6 +967,100 @@ def encode(run_dir, modality, inputs, encoder_spec, out, device) -> None:
     click.echo(f"{len(ids)} embeddings of width {embeddings.shape[1]} written to {out}")
 
 
+# ---- embed, index, search ----------------------------------------------------------------------------------------
+@main.command("embed")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--store", type=STORE, required=True, help="store of any modality the run aligns")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="folder for the embeddings, their ids and embed.json (run and store identity)")
+@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), default="npy", show_default=True,
+              help="npy: embeddings.npy + ids.json; parquet: part-NNNNN.parquet (id, embedding)")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--chunk-rows", default=65536, show_default=True,
+              help="rows written (and resumable) at a time; a parquet part each")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace embeddings made from another run or store")
+@click.option("--json", "as_json", is_flag=True, help="print the embed.json record")
+@friendly_errors
+def embed(run_dir, store, out, fmt, batch_size, chunk_rows, device, overwrite, as_json) -> None:
+    """A whole store through the run's head: aligned unit vectors, written in chunks, resumable."""
+    from pipeline.embed import embed_to_files
+
+    record = embed_to_files(run_dir, store, out, fmt=fmt, batch_size=batch_size, chunk_rows=chunk_rows,
+                            device=device, overwrite=overwrite, progress=True)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    resumed = f" (resumed at row {record['resumed_from']})" if record["resumed_from"] else ""
+    click.echo(f"{record['count']} {record['modality']} embeddings of width {record['width']} in {out} "
+               f"({record['format']}){resumed}")
+
+
+@main.command("index")
+@click.option("--embeddings", "folder", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="a folder written by embed; the index is saved in it")
+@click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf"]), default="auto", show_default=True,
+              help="flat: exact; hnsw / ivf: approximate; auto: exact up to 100,000 vectors, IVF past that")
+@click.option("--nlist", type=int, default=None, help="ivf: cells (default 4 sqrt(N))")
+@click.option("--nprobe", type=int, default=None, help="ivf: cells searched (default nlist / 16)")
+@click.option("--json", "as_json", is_flag=True, help="print the index.json record")
+@friendly_errors
+def index(folder, kind, nlist, nprobe, as_json) -> None:
+    """Build a FAISS nearest-neighbour index over an embedding folder."""
+    from pipeline.search import build_index
+
+    record = build_index(folder, kind, nlist=nlist, nprobe=nprobe)
+    click.echo(json.dumps(record, indent=2) if as_json else
+               f"{record['kind']} index over {record['vectors']} vectors written to {folder}")
+
+
+@main.command("search")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="the run that made the embeddings")
+@click.option("--index", "folder", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="an embedding folder with an index")
+@click.option("--text", default=None, help="query text")
+@click.option("--image", "image_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--audio", "audio_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--video", "video_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--item", default=None, help="an item id: of --item-store, else of the indexed items")
+@click.option("--item-store", type=STORE, default=None, help="the store (any aligned modality) --item is taken from")
+@click.option("--k", default=10, show_default=True)
+@click.option("--encoder", "encoder_spec", default=None,
+              help="the encoder of the query's modality (default: the one the run's store recorded)")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the results as an HTML page")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+@friendly_errors
+def search(run_dir, folder, text, image_file, audio_file, video_file, item, item_store, k, encoder_spec, html_out,
+           device, as_json) -> None:
+    """The k nearest indexed items to a text, a media file or an item: rank, score, id and path (or text)."""
+    from pipeline.search import search as run_search
+    from pipeline.search import search_html
+
+    files = {m: f for m, f in (("image", image_file), ("audio", audio_file), ("video", video_file)) if f}
+    if sum(x is not None for x in (text, item)) + len(files) != 1:
+        raise click.UsageError("give exactly one query: --text, --image, --audio, --video or --item")
+    if item_store is not None and item is None:
+        raise click.UsageError("--item-store needs --item")
+    modality, file = next(iter(files.items())) if files else (None, None)
+    report = run_search(run_dir, folder, k, text=text, file=file, modality=modality, item=item,
+                        item_store=item_store, encoder_spec=encoder_spec, device=device)
+    if html_out is not None:
+        report["html"] = str(search_html(report, html_out))
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    for warning in report["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    for hit in report["results"]:
+        shown = hit.get("path") or hit.get("text") or ""
+        click.echo(f"{hit['rank']:>4}  {hit['score']:>8.4f}  {hit['id']}  {shown}")
+    if html_out is not None:
+        click.echo(f"sheet: {report['html']}")
+
+
 # ---- stores ------------------------------------------------------------------------------------------------------
 @main.group()
 def stores() -> None:
@@ -963,18 +1069,29 @@ def stores() -> None:
 
 @stores.command("ls")
 @click.argument("root", type=STORE)
-def stores_ls(root) -> None:
-    """Every feature store at or below ROOT, one line each."""
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list of the stores (docs/json.md)")
+def stores_ls(root, as_json) -> None:
+    """Every feature store at or below ROOT, one line each (the path last, so long paths never shift columns)."""
     from stores.catalog import describe, find_stores
 
-    found = find_stores(root)
-    click.echo(f"{'store':<40}{'modality':<10}{'layout':<8}{'items':>8}{'tokens':>10}{'dim':>6}  {'MB':>8}  state")
-    for path in found:
-        i = describe(path)
-        click.echo(f"{str(path):<40}{i['modality']:<10}{i['layout']:<8}{i['items']:>8}{i['tokens']:>10}{i['dim']:>6}"
-                   f"  {i['disk_bytes'] / 1e6:>8.1f}  {'complete' if i['complete'] else 'INCOMPLETE'}  {i['key']}")
-    if not found:
+    infos = [describe(path) for path in find_stores(root)]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    if not infos:
         click.echo(f"no feature store under {root}")
+        return
+    columns = [("modality", "<"), ("layout", "<"), ("dtype", "<"), ("items", ">"), ("tokens", ">"), ("dim", ">"),
+               ("MB", ">"), ("state", "<"), ("key", "<"), ("encoder", "<"), ("store", "<")]
+    rows = [{"modality": i["modality"], "layout": i["layout"], "dtype": str(i["dtype"]), "items": str(i["items"]),
+             "tokens": str(i["tokens"]), "dim": str(i["dim"]), "MB": f"{i['disk_bytes'] / 1e6:.1f}",
+             "state": "complete" if i["complete"] else "INCOMPLETE", "key": str(i["key"]),
+             "encoder": str(((i["identity"] or {}).get("encoder") or {}).get("id")
+                            or (i["summary"] or {}).get("encoder_spec") or "-"), "store": i["path"]} for i in infos]
+    widths = {name: max(len(name), *(len(r[name]) for r in rows)) for name, _ in columns}
+    for row in [{name: name for name, _ in columns}, *rows]:
+        click.echo("  ".join(f"{row[name]:{align}{widths[name] if name != 'store' else 0}}"
+                             for name, align in columns).rstrip())
 
 
 @stores.command("info")
@@ -994,33 +1111,49 @@ def stores_info(store, as_json) -> None:
 @stores.command("verify")
 @click.argument("store", type=STORE)
 @click.option("--repair", is_flag=True, help="re-extract exactly the bad shards from the source media")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON (docs/json.md); exit 1 still means bad")
 @friendly_errors
-def stores_verify(store, repair) -> None:
+def stores_verify(store, repair, as_json) -> None:
     """Re-hash every shard against the store's manifest; name any missing, truncated or altered one."""
     from stores.integrity import verify
 
     problems = verify(store)
+    repaired = None
     if problems and repair:
         from extract.repair import repair_store
 
         repaired = repair_store(store)
-        click.echo(f"re-extracted {len(repaired)} shard(s): {', '.join(map(str, repaired))}")
+        if not as_json:
+            click.echo(f"re-extracted {len(repaired)} shard(s): {', '.join(map(str, repaired))}")
         problems = verify(store)
-    for problem in problems:
-        click.echo(f"BAD  {problem}")
+    if as_json:
+        click.echo(json.dumps({"store": str(store), "ok": not problems,
+                               "repaired": None if repaired is None else [str(r) for r in repaired],
+                               "problems": [{"array": p.array, "shard": p.shard,
+                                             "rows": list(p.rows) if p.rows else None, "reason": p.reason,
+                                             "message": str(p)} for p in problems]}, indent=2))
+    else:
+        for problem in problems:
+            click.echo(f"BAD  {problem}")
     if problems:
         raise click.ClickException(f"{len(problems)} bad shard(s) in {store}")
-    click.echo(f"ok: every shard of {store} matches its manifest entry")
+    if not as_json:
+        click.echo(f"ok: every shard of {store} matches its manifest entry")
 
 
 @stores.command("errors")
 @click.argument("store", type=STORE)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object (docs/json.md)")
 @friendly_errors
-def stores_errors(store) -> None:
+def stores_errors(store, as_json) -> None:
     """Items the extraction left out, with the reason."""
     from stores import FeatureStore
 
     errors = FeatureStore.open(store, allow_incomplete=True).errors()
+    if as_json:
+        click.echo(json.dumps({"store": str(store), "count": len(errors), "errors": errors}, indent=2,
+                              ensure_ascii=False))
+        return
     for error in errors:
         click.echo(json.dumps(error, ensure_ascii=False))
     click.echo(f"{len(errors)} item(s) left out", err=True)
@@ -1078,12 +1211,17 @@ def demo(out, images, epochs, tiny) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"),
               show_default=True, help="JSON report")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda or cuda:N")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the JSON report on stdout (the table and progress go to stderr; docs/json.md)")
 @friendly_errors
-def bench(quick, out, device) -> None:
+def bench(quick, out, device, as_json) -> None:
     """Performance suite on generated data: training from cache, extraction, storage, memory, no-op re-runs."""
     from pipeline.bench import run_bench
 
-    run_bench("quick" if quick else "full", out, device=device, echo=click.echo)
+    report = run_bench("quick" if quick else "full", out, device=device,
+                       echo=functools.partial(click.echo, err=True) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=float))  # as bench.json is written
 
 
 

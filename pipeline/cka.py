@@ -12,7 +12,7 @@ align more easily. The estimators are pure computation on tensors ``[n, p]`` (ro
   sum_i HSIC_1(L_i, L_i))`` over minibatches ``i``, with the unbiased estimator ``HSIC_1`` (Song et al. 2012),
   so stores that do not fit in memory can be streamed; its value does not drift with the batch size.
 - :func:`cka_matrix` / :func:`rank_pairs`: every pair of two feature sets, and the pairs best first.
-- :func:`render_heatmap_png`: the matrix as a PNG, drawn with Pillow (matplotlib is not a dependency).
+- :func:`render_heatmap_png`: the matrix as a PNG heatmap (matplotlib).
 - :func:`store_cka`: the ``cka`` command: pooled features of paired items read from stores, every store of one
   modality against every store of the other, ranked and written as JSON + heatmap.
 """
@@ -195,31 +195,24 @@ def rank_pairs(rows: Sequence[str], cols: Sequence[str], matrix: Any) -> list[tu
     return sorted(pairs, key=lambda p: -p[2])
 
 
-# ---------------------------------------------------------------- heatmap
+# ---------------------------------------------------------------- heatmap (matplotlib)
 
-# Viridis at 5 stops, linearly interpolated: perceptually ordered, readable in grey, no matplotlib needed.
-_VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 _NAN_COLOUR = (160, 160, 160)
 
 
+def _viridis():
+    import matplotlib
+
+    return matplotlib.colormaps["viridis"].with_extremes(bad=tuple(c / 255 for c in _NAN_COLOUR))
+
+
 def heatmap_colour(value: float, vmin: float = 0.0, vmax: float = 1.0) -> tuple[int, int, int]:
-    """The RGB fill of a cell: viridis from ``vmin`` (dark purple) to ``vmax`` (yellow), clipped; NaN is grey."""
+    """The RGB fill of a cell: matplotlib's viridis from ``vmin`` (dark purple) to ``vmax`` (yellow), clipped; NaN
+    is grey."""
     if math.isnan(value):
         return _NAN_COLOUR
-    t = min(max((value - vmin) / (vmax - vmin), 0.0), 1.0) * (len(_VIRIDIS) - 1)
-    i = min(int(t), len(_VIRIDIS) - 2)
-    frac = t - i
-    lo, hi = _VIRIDIS[i], _VIRIDIS[i + 1]
-    return tuple(round(a + (b - a) * frac) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
-
-
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # FreeType build of Pillow >= 10.1
-    except (TypeError, ImportError, OSError, AttributeError):
-        return ImageFont.load_default()
+    t = min(max((value - vmin) / (vmax - vmin), 0.0), 1.0)
+    return tuple(int(c) for c in _viridis()(t, bytes=True)[:3])  # type: ignore[return-value]  # as imshow rounds
 
 
 def render_heatmap_png(
@@ -232,72 +225,40 @@ def render_heatmap_png(
     vmax: float = 1.0,
     cell: tuple[int, int] = (72, 40),
 ) -> None:
-    """Draw ``matrix [len(rows), len(cols)]`` as a labelled heatmap PNG at ``path`` (Pillow only).
+    """Draw ``matrix [len(rows), len(cols)]`` as a labelled heatmap PNG at ``path`` (matplotlib, off-screen).
 
     Cells are coloured by :func:`heatmap_colour` and carry their value; row labels on the left, column labels
     rotated above, a colour bar on the right. The fixed ``[vmin, vmax] = [0, 1]`` keeps plots comparable.
     """
-    from PIL import Image, ImageDraw
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     m = _as_matrix(matrix, "matrix")
     if tuple(m.shape) != (len(rows), len(cols)):
         raise ValueError(f"matrix shape {tuple(m.shape)} does not match {len(rows)} rows x {len(cols)} cols")
     if not vmax > vmin:
         raise ValueError(f"vmax ({vmax}) must be greater than vmin ({vmin})")
-    font = _font(13)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def size(text: str) -> tuple[int, int]:
-        left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
-        return int(right - left), int(bottom - top)
-
-    pad, cw, ch = 10, cell[0], cell[1]
-    label_w = max([size(r)[0] for r in rows] + [0]) + pad
-    label_h = max([size(c)[0] for c in cols] + [0]) + pad  # column labels are drawn rotated
-    title_h = size(title)[1] + pad if title else 0
-    bar_w, bar_gap = 16, 14
-    tick_w = max(size(f"{vmax:.2f}")[0], size(f"{vmin:.2f}")[0])
-    grid_x, grid_y = pad + label_w, pad + title_h + label_h
-    width = grid_x + cw * len(cols) + bar_gap + bar_w + 6 + tick_w + pad
-    width = max(width, 2 * pad + (size(title)[0] if title else 0))
-    height = max(grid_y + ch * len(rows), grid_y + 3 * ch) + pad
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    if title:
-        draw.text((pad, pad), title, fill="black", font=font)
-
-    for i, name in enumerate(rows):
-        tw, th = size(name)
-        draw.text((grid_x - pad // 2 - tw, grid_y + i * ch + (ch - th) // 2), name, fill="black", font=font)
-    for j, name in enumerate(cols):
-        tw, th = size(name)
-        label = Image.new("L", (tw + 4, th + 6), 0)
-        ImageDraw.Draw(label).text((2, 1), name, fill=255, font=font)
-        label = label.rotate(90, expand=True)  # reads bottom to top, ending just above its column
-        x = grid_x + j * cw + (cw - label.width) // 2
-        image.paste((0, 0, 0), (x, grid_y - pad // 2 - label.height), label)
-
+    values = m.double().numpy()
+    fig, ax = plt.subplots(figsize=(1.5 + cell[0] * len(cols) / 100 + 1.2, 1.0 + cell[1] * max(len(rows), 2) / 100))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=_viridis(), vmin=vmin, vmax=vmax, aspect="auto",
+                      interpolation="nearest")
+    ax.set_xticks(range(len(cols)), cols, rotation=90)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(rows)), rows)
     for i in range(len(rows)):
         for j in range(len(cols)):
-            value = float(m[i, j])
+            value = float(values[i, j])
             colour = heatmap_colour(value, vmin, vmax)
-            x0, y0 = grid_x + j * cw, grid_y + i * ch
-            draw.rectangle((x0, y0, x0 + cw - 1, y0 + ch - 1), fill=colour, outline="white")
-            text = "nan" if math.isnan(value) else f"{value:.2f}"
-            tw, th = size(text)
-            # Dark text on light cells, white on dark ones (relative luminance).
-            light = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140
-            draw.text((x0 + (cw - tw) // 2, y0 + (ch - th) // 2), text, fill="black" if light else "white",
-                      font=font)
-
-    bar_x, bar_h = grid_x + cw * len(cols) + bar_gap, max(ch * len(rows), 3 * ch)
-    for k in range(bar_h):
-        value = vmax - (vmax - vmin) * k / max(bar_h - 1, 1)
-        draw.line((bar_x, grid_y + k, bar_x + bar_w - 1, grid_y + k), fill=heatmap_colour(value, vmin, vmax))
-    draw.text((bar_x + bar_w + 6, grid_y), f"{vmax:.2f}", fill="black", font=font)
-    draw.text((bar_x + bar_w + 6, grid_y + bar_h - size(f"{vmin:.2f}")[1] - 4), f"{vmin:.2f}", fill="black",
-              font=font)
-    image.save(str(path), format="PNG")
+            light = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140  # dark text on light cells
+            ax.text(j, i, "nan" if math.isnan(value) else f"{value:.2f}", ha="center", va="center",
+                    color="black" if light else "white", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    if title:
+        ax.set_title(title, loc="left", fontsize=10)
+    fig.savefig(str(path), format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- stores -> ranking (the ``cka`` command)

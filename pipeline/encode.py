@@ -8,6 +8,7 @@ trained on is refused.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,13 @@ def extract_like_run(config: dict, modality: str, records: list[dict], encoder_s
     return store
 
 
+def input_records(modality: str, inputs: Sequence[str | os.PathLike[str]]) -> list[dict]:
+    """Manifest records of raw inputs, ids = positions: texts for ``text``, absolute file paths otherwise."""
+    if modality == "text":
+        return [{"id": str(i), "text": str(value)} for i, value in enumerate(inputs)]
+    return [{"id": str(i), "path": str(Path(value).resolve())} for i, value in enumerate(inputs)]
+
+
 def encode(run_dir: Path | str, modality: str, inputs: Sequence[str], encoder_spec: str | None = None,
            device: str = "cpu") -> tuple[list[str], np.ndarray]:
     """Embed raw inputs (texts for ``text``, file paths otherwise) with a trained run: ``(ids, [n, W] float32)``.
@@ -53,9 +61,7 @@ def encode(run_dir: Path | str, modality: str, inputs: Sequence[str], encoder_sp
     """
     run = RunDir(run_dir)
     model, _, config = run.load_model(device)
-    field = "text" if modality == "text" else "path"
-    records = [{"id": str(i), field: value if field == "text" else str(Path(value).resolve())}
-               for i, value in enumerate(inputs)]
+    records = input_records(modality, inputs)
     with tempfile.TemporaryDirectory(prefix="encode-") as tmp:
         store = extract_like_run(config, modality, records, encoder_spec, Path(tmp), device)
         embeddings = embed_store(model, modality, store, device=device)

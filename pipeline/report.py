@@ -12,9 +12,10 @@ added with fit-al); then one table per task and **evaluation set**, one column p
 
 An evaluation set is the stores a figure was computed on, by identity key (plus, for zero-shot, the classes and the
 prompts): figures of different sets are put in different tables, never in one column, and every row names the
-stores and keys its figures came from. Writes ``report.md``, ``report.json`` and, with Pillow only, ``loss.png`` and
-``temperature.png`` (one line per run over its training epochs, every stage in order) and ``recall.png``
-(R@1/5/10 bars, one per run, fixed 0..1 scale).
+stores and keys its figures came from. Writes ``report.md``, ``report.json`` and matplotlib plots: ``loss.png`` and
+``temperature.png`` (one line per run over its training epochs, every stage in order), ``recall.png`` (R@1/5/10
+bars, one per run and evaluation set, fixed 0..1 scale, a dashed chance line on each bar) and ``val_recall.png``
+(validation R@1 per epoch, one colour per run, one line style per direction).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.cka import _font
 from pipeline.evaluate import EvaluationError
 from pipeline.rundir import RunDir
 from stores.writer import atomic_write_text
@@ -248,8 +248,14 @@ def compare_runs(run_dirs: Sequence[Path | str], out: Path | str) -> dict:
 
         values = [[value(t, n, c) for t in retrieval for c in t["columns"]] for n in names]
         render_bars_png(recall_columns, list(zip(names, values, strict=True)), out / "recall.png",
-                        title="retrieval recall@k")
+                        title="retrieval recall@k (dashed: chance)", chance=recall_chance(retrieval, names))
         plots["recall"] = str(out / "recall.png")
+    val_series, val_styles = validation_series(rows, names)
+    plots["val_recall"] = None
+    if any(v is not None for _, ys in val_series for v in ys):
+        render_lines_png(val_series, out / "val_recall.png", title="validation R@1 per epoch",
+                         xlabel="epoch (every stage, in order)", styles=val_styles, ylim=(0, 1.02))
+        plots["val_recall"] = str(out / "val_recall.png")
     report = {"runs": rows, "tables": tables, "plots": plots, "out": str(out)}
     report["report_path"], report["markdown_path"] = str(out / "report.json"), str(out / "report.md")
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
@@ -263,170 +269,125 @@ def _legend_names(rows: list[dict]) -> list[str]:
     return [f"{Path(r['run']).parent.name}/{r['name']}" if names.count(r["name"]) > 1 else r["name"] for r in rows]
 
 
-# ---------------------------------------------------------------- plots (Pillow only; matplotlib is not a dependency)
+# ---------------------------------------------------------------- plots (matplotlib, drawn off-screen)
 
 
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering ``[lo, hi]``."""
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    raw = (hi - lo) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.floor(lo / step) * step
-    ticks = [first]
-    while ticks[-1] < hi - 1e-12 * step:
-        ticks.append(ticks[-1] + step)
-    return [round(t, 12) for t in ticks]
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_font(size: int) -> Any:
-    return _font(size)
+def _colour(i: int) -> tuple[float, float, float]:
+    return tuple(c / 255 for c in PALETTE[i % len(PALETTE)])  # type: ignore[return-value]
 
 
-def _text_size(text: str, small: bool = False) -> tuple[int, int]:
-    from PIL import Image, ImageDraw
-
-    box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=_cached_font(11 if small else 13))
-    return int(box[2] - box[0]), int(box[3] - box[1])
-
-
-def _tick_text(value: float) -> str:
-    return f"{value:.4g}"
-
-
-class _Canvas:
-    """A white PNG with a plot area, axes, title and a legend of coloured names below it."""
-
-    def __init__(self, width: int, plot_height: int, title: str, legend: Sequence[str], left: int = 64) -> None:
-        from PIL import Image, ImageDraw
-
-        self.font = _cached_font(13)
-        self.small = _cached_font(11)
-        self.pad, self.left = 12, left
-        self.top = self.pad + self.size(title)[1] + self.pad
-        self.legend_rows = self._legend_layout(legend, width)
-        legend_h = len(self.legend_rows) * 20 + self.pad
-        self.plot = (self.left, self.top, width - self.pad - 8, self.top + plot_height)
-        self.image = Image.new("RGB", (width, self.plot[3] + 44 + legend_h), "white")
-        self.draw = ImageDraw.Draw(self.image)
-        self.draw.text((self.pad, self.pad), title, fill="black", font=self.font)
-
-    def size(self, text: str, small: bool = False) -> tuple[int, int]:
-        return _text_size(text, small)
-
-    def _legend_layout(self, names: Sequence[str], width: int) -> list[list[tuple[int, str]]]:
-        rows: list[list[tuple[int, str]]] = [[]]
-        x = self.pad
-        for i, name in enumerate(names):
-            w = 18 + self.size(name)[0] + 18
-            if rows[-1] and x + w > width - self.pad:
-                rows.append([])
-                x = self.pad
-            rows[-1].append((i, name))
-            x += w
-        return rows
-
-    def y_axis(self, lo: float, hi: float, ticks: list[float], grid: bool = True) -> None:
-        x0, y0, x1, y1 = self.plot
-        for t in ticks:
-            y = self.y(t, lo, hi)
-            if grid:
-                self.draw.line((x0, y, x1, y), fill=(225, 225, 225))
-            text = _tick_text(t)
-            tw, th = self.size(text, small=True)
-            self.draw.text((x0 - 6 - tw, y - th // 2 - 2), text, fill="black", font=self.small)
-        self.draw.line((x0, y0, x0, y1), fill="black")
-        self.draw.line((x0, y1, x1, y1), fill="black")
-
-    def y(self, value: float, lo: float, hi: float) -> int:
-        x0, y0, x1, y1 = self.plot
-        return round(y1 - (value - lo) / (hi - lo) * (y1 - y0))
-
-    def x_label(self, text: str) -> None:
-        x0, _, x1, y1 = self.plot
-        tw, _ = self.size(text)
-        self.draw.text(((x0 + x1 - tw) // 2, y1 + 22), text, fill="black", font=self.font)
-
-    def legend(self) -> None:
-        y = self.plot[3] + 44
-        for row in self.legend_rows:
-            x = self.pad
-            for i, name in row:
-                self.draw.rectangle((x, y + 3, x + 12, y + 15), fill=PALETTE[i % len(PALETTE)])
-                self.draw.text((x + 18, y + 1), name, fill="black", font=self.font)
-                x += 18 + self.size(name)[0] + 18
-            y += 20
-
-    def save(self, path: Path | str) -> None:
-        self.image.save(str(path), format="PNG")
+def _save(fig, path: Path | str) -> None:
+    fig.savefig(str(path), format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
 
 
 def render_lines_png(series: Sequence[tuple[str, Sequence[float | None]]], path: Path | str, title: str,
-                     xlabel: str = "epoch", width: int = 900, height: int = 420) -> None:
-    """One line per ``(name, values)`` (value ``k`` at x = k + 1; None values are gaps) on shared axes."""
+                     xlabel: str = "epoch", ylabel: str | None = None, width: int = 900, height: int = 420,
+                     styles: Sequence[tuple[int, str]] | None = None, ylim: tuple[float, float] | None = None) -> None:
+    """One line per ``(name, values)`` (value ``k`` at x = k + 1; None values are gaps) on shared axes.
+    ``styles[i]`` = (colour index, line style) of series ``i`` (default: its own colour, solid)."""
     values = [v for _, ys in series for v in ys if v is not None and math.isfinite(v)]
     if not values:
         raise ValueError(f"nothing to plot for {title!r}")
-    ticks = _ticks(min(values), max(values))
-    lo, hi = ticks[0], ticks[-1]
-    longest = max(len(ys) for _, ys in series)
-    canvas = _Canvas(width, height, title, [n for n, _ in series])
-    canvas.y_axis(lo, hi, ticks)
-    x0, _, x1, y1 = canvas.plot
-    span = max(longest - 1, 1)
-
-    def x(k: int) -> int:
-        return round(x0 + 8 + k / span * (x1 - x0 - 16))
-
-    for t in _ticks(1, max(longest, 2)):
-        if 1 <= t <= longest and float(t).is_integer():
-            canvas.draw.line((x(int(t) - 1), y1, x(int(t) - 1), y1 + 4), fill="black")
-            text = str(int(t))
-            canvas.draw.text((x(int(t) - 1) - canvas.size(text, True)[0] // 2, y1 + 6), text, fill="black",
-                             font=canvas.small)
-    for i, (_, ys) in enumerate(series):
-        colour = PALETTE[i % len(PALETTE)]
-        segment: list[tuple[int, int]] = []
-        for k, v in enumerate([*ys, None]):
-            if v is not None and math.isfinite(v):
-                segment.append((x(k), canvas.y(v, lo, hi)))
-                continue
-            if len(segment) > 1:
-                canvas.draw.line(segment, fill=colour, width=2)
-            for px, py in segment:
-                canvas.draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
-            segment = []
-    canvas.x_label(xlabel)
-    canvas.legend()
-    canvas.save(path)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(width / 100, height / 100))
+    for i, (name, ys) in enumerate(series):
+        colour, style = styles[i] if styles else (i, "-")
+        xs = list(range(1, len(ys) + 1))
+        ax.plot(xs, [math.nan if v is None else v for v in ys], style, color=_colour(colour), linewidth=2,
+                marker="o", markersize=3, label=name)
+    ax.set_title(title, loc="left")
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, color="0.9")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(len(series), 3), frameon=False)
+    _save(fig, path)
 
 
 def render_bars_png(groups: Sequence[str], series: Sequence[tuple[str, Sequence[float | None]]], path: Path | str,
-                    title: str, vmax: float = 1.0, height: int = 360) -> None:
+                    title: str, vmax: float = 1.0, height: int = 360,
+                    chance: Sequence[Sequence[float | None]] | None = None) -> None:
     """Grouped bars on a fixed ``0..vmax`` scale: one group per name in ``groups``, one bar per series in each
-    (its value on top; a missing value leaves a gap)."""
-    bar, gap = 22, 26
-    group_w = max(bar * len(series), max(_text_size(g, small=True)[0] for g in groups)) + gap
-    canvas = _Canvas(max(640, 64 + 20 + group_w * len(groups)), height, title, [n for n, _ in series])
-    ticks = _ticks(0.0, vmax)
-    canvas.y_axis(0.0, vmax, ticks)
-    x0, _, _, y1 = canvas.plot
-    for g, name in enumerate(groups):
-        gx = x0 + gap // 2 + g * group_w + (group_w - gap - bar * len(series)) // 2
-        for i, (_, values) in enumerate(series):
-            value = values[g]
-            if value is None or not math.isfinite(value):
-                continue
-            top = canvas.y(min(max(value, 0.0), vmax), 0.0, vmax)
-            if top < y1 - 1:  # a zero bar has no height, only its value
-                canvas.draw.rectangle((gx + i * bar, top, gx + (i + 1) * bar - 3, y1 - 1),
-                                      fill=PALETTE[i % len(PALETTE)])
-            text = f"{value:.2f}"[1:] if 0 <= value < 1 else f"{value:.1f}"  # ".87": fits above a bar
-            tw, th = canvas.size(text, small=True)
-            canvas.draw.text((gx + i * bar + (bar - 3 - tw) // 2, top - th - 4), text, fill="black", font=canvas.small)
-        tw, _ = canvas.size(name, small=True)
-        canvas.draw.text((gx + (bar * len(series) - tw) // 2, y1 + 6), name, fill="black", font=canvas.small)
-    canvas.legend()
-    canvas.save(path)
+    (its value on top; a missing value leaves a gap). ``chance[i][g]``: the chance level of series ``i``'s bar in
+    group ``g``, drawn as a dashed black line across that bar."""
+    plt = _pyplot()
+    bar = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 + len(groups) * (0.35 * len(series) + 0.5)), height / 100))
+    drew_chance = False
+    for i, (name, values) in enumerate(series):
+        for g, value in enumerate(values):
+            x = g - 0.4 + bar * (i + 0.5)
+            if value is not None and math.isfinite(value):
+                ax.bar(x, min(max(value, 0.0), vmax), bar * 0.9, color=_colour(i), label=name if g == 0 else None)
+                ax.annotate(f"{value:.2f}"[1:] if 0 <= value < 1 else f"{value:.1f}", (x, min(max(value, 0), vmax)),
+                            ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+            level = chance[i][g] if chance else None
+            if level is not None and math.isfinite(level):
+                ax.hlines(level, x - bar / 2, x + bar / 2, colors="black", linestyles="--", linewidth=1.2,
+                          label=None if drew_chance else "chance")
+                drew_chance = True
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, vmax * 1.08)
+    ax.set_title(title, loc="left")
+    ax.grid(True, axis="y", color="0.9")
+    ax.set_axisbelow(True)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(labels), 4),
+              frameon=False)
+    _save(fig, path)
+
+
+def recall_chance(tables: Sequence[dict], names: Sequence[str]) -> list[list[float | None]]:
+    """Chance level of each run's bar in every column (``"image->text R@5"``) of the retrieval ``tables``, from the
+    report the figure came from: its ``chance_R@k`` when recorded, else ``k`` x its ``chance_R@1`` (exact when each
+    query has one relevant target, an upper bound when it has several), capped at 1."""
+    reports: dict[str, dict] = {}
+
+    def level(table: dict, name: str, column: str) -> float | None:
+        row = next((r for r in table["rows"] if r["run"] == name), None)
+        source = row["sources"].get(column) if row else None
+        direction, _, metric = column.rpartition(" ")
+        if not source or not metric.startswith("R@"):
+            return None
+        if source not in reports:
+            try:
+                reports[source] = json.loads(Path(source).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                reports[source] = {}
+        report, k = reports[source], int(metric[2:])
+        recorded = (report.get(f"chance_{metric}") or {}).get(direction)
+        if recorded is not None:
+            return float(recorded)
+        first = (report.get("chance_R@1") or {}).get(direction)
+        return None if first is None else min(1.0, k * float(first))
+
+    return [[level(t, name, c) for t in tables for c in t["columns"]] for name in names]
+
+
+def validation_series(rows: Sequence[dict], names: Sequence[str]) -> tuple[list, list]:
+    """Validation R@1 per epoch of each run and direction (``metrics.jsonl``'s ``val``): ``(series, styles)``,
+    one colour per run, one line style per direction."""
+    series, styles = [], []
+    dashes = ("-", "--", ":", "-.")
+    for i, (name, row) in enumerate(zip(names, rows, strict=True)):
+        history = RunDir(row["run"]).metrics()
+        directions = list(dict.fromkeys(d for r in history for d, m in (r.get("val") or {}).items()
+                                        if isinstance(m, dict) and "R@1" in m))
+        for j, direction in enumerate(directions):
+            series.append((f"{name} {direction}", [((r.get("val") or {}).get(direction) or {}).get("R@1")
+                                                   for r in history]))
+            styles.append((i, dashes[j % len(dashes)]))
+    return series, styles

