@@ -20,7 +20,6 @@ bars, one per run and evaluation set, fixed 0..1 scale, a dashed chance line on 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
