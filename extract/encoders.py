@@ -46,6 +46,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -54,7 +55,7 @@ import torch
 from torch import nn
 
 from .filehash import file_sha256, files_sha256
-from .manifest import Item
+from .manifest import Item, escape_surrogates, unicode_problem
 from .media import (
     AUDIO_DECODER_VERSION,
     VIDEO_DECODER_VERSION,
@@ -550,6 +551,11 @@ class HFTextPreprocessor:
         self.tokenizer.padding_side = "right"  # stores keep the FIRST lengths[b] rows: padding must trail
         self.max_tokens = max_tokens
 
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
     def __call__(self, items: list[Item]) -> dict[str, Any]:
         good: list[Item] = []
         texts: list[str] = []
@@ -565,14 +571,31 @@ class HFTextPreprocessor:
             if text is None or not text.strip():
                 failed.append((item, "empty text"))
                 continue
+            problem = unicode_problem(text)
+            if problem is not None:
+                # The error table is UTF-8 JSON: it records the text with the bad code point escaped.
+                failed.append((replace(item, text=escape_surrogates(item.text)), f"text is not valid Unicode: {problem}"))
+                continue
             good.append(item)
             texts.append(text)
         batch: dict[str, Any] = {"items": good, "failed": failed}
-        if texts:
-            enc = self.tokenizer(
-                texts, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt"
-            )
-            batch.update({k: v for k, v in enc.items() if isinstance(v, torch.Tensor)})
+        if not texts:
+            return batch
+        try:
+            batch.update(self._tokenize(texts))
+        except Exception:
+            # One text the tokenizer refuses fails alone; the others are tokenized together again, so their
+            # padding (and their tokens) are exactly what the batch would have given them.
+            kept = []
+            for item, text in zip(good, texts, strict=True):
+                try:
+                    self._tokenize([text])
+                    kept.append((item, text))
+                except Exception as exc:
+                    failed.append((item, f"tokenizer failed: {type(exc).__name__}: {exc}"))
+            batch["items"] = [item for item, _ in kept]
+            if kept:
+                batch.update(self._tokenize([text for _, text in kept]))
         return batch
 
 
