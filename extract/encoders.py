@@ -574,7 +574,8 @@ class HFTextPreprocessor:
             problem = unicode_problem(text)
             if problem is not None:
                 # The error table is UTF-8 JSON: it records the text with the bad code point escaped.
-                failed.append((replace(item, text=escape_surrogates(item.text)), f"text is not valid Unicode: {problem}"))
+                shown = replace(item, text=escape_surrogates(item.text))
+                failed.append((shown, f"text is not valid Unicode: {problem}"))
                 continue
             good.append(item)
             texts.append(text)

@@ -62,12 +62,25 @@ def check_compatible(config: dict, modality: str, store: FeatureStore) -> None:
         )
 
 
-def _save_weights(model: nn.Module, loss: nn.Module, path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk, so a rename never publishes unwritten bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_weights(model: nn.Module, loss: nn.Module, path: Path, *, publish: bool = True) -> None:
+    """Write the weights to ``path`` (fsynced); ``publish``: through a temporary name, renamed into place."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"loss.{k}": v.detach().cpu().contiguous() for k, v in loss.state_dict().items()})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}") if publish else path
     save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    _fsync(tmp)
+    if publish:
+        os.replace(tmp, path)
+        _fsync(path.parent)
 
 
 def _load_weights(model: nn.Module, loss: nn.Module, path: Path) -> None:
@@ -147,13 +160,50 @@ class RunDir:
 
     # ---- metrics -----------------------------------------------------------------------------------------------
     def metrics(self) -> list[dict]:
+        """Every record of ``metrics.jsonl``. A last line that does not parse was torn by a crash mid-append
+        (its epoch has no checkpoint, so a resume redoes it) and is left out; a bad line before it is an error."""
         path = self.path / METRICS_FILE
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                if number == len(lines):
+                    break
+                raise RunError(f"{path} line {number} is not a JSON record ({err}); only a torn last line is "
+                               "expected after a crash") from None
+        return records
+
+    def _drop_torn_tail(self) -> None:
+        """Make ``metrics.jsonl`` end with a complete line before appending: a record torn by a crash is cut off
+        (one that parsed whole only lacks its newline, which is added)."""
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            tail = b"\n"
+        except ValueError:
+            tail = None
+        with open(path, "r+b") as handle:
+            if tail is None:
+                handle.truncate(cut)
+            else:
+                handle.seek(0, os.SEEK_END)
+                handle.write(tail)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def append_metrics(self, record: dict) -> None:
         """Append one record to ``metrics.jsonl`` (fsynced) and write its scalars to ``tb/<stage>/``."""
+        self._drop_torn_tail()
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
@@ -215,10 +265,13 @@ class RunDir:
         tmp = self.checkpoints / f".{tag}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _save_weights(model, loss, tmp / WEIGHTS_FILE)
+        _save_weights(model, loss, tmp / WEIGHTS_FILE, publish=False)  # the folder's rename publishes it
         torch.save(state, tmp / STATE_FILE)
+        _fsync(tmp / STATE_FILE)
+        _fsync(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync(self.checkpoints)
         atomic_write_text(self.checkpoints / "latest", tag)
         for old in self.checkpoints.iterdir():
             if old.is_dir() and old.name != tag:
