@@ -398,6 +398,9 @@ def train_options(epochs: int, batch_size: int):
                      show_default=True, help="one random caption per image per epoch, or every pair"),
         click.option("--device", default="cpu", show_default=True),
         click.option("--resume", is_flag=True, help="continue the run from its last checkpoint"),
+        click.option("--strict-pairs", is_flag=True,
+                     help="refuse items whose partner is absent from the other store (default: leave them out, "
+                          "counted and listed in RUN/dropped-pairs.json)"),
         click.option("--no-tensorboard", "no_tensorboard", is_flag=True,
                      help="metrics.jsonl only, no RUN/tb/ event files"),
     ]

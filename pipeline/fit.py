@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -46,6 +47,7 @@ class TrainConfig:
     warmup_epochs: int = 0  # epochs with one-hot targets before the soft targets take over
     device: str = "cpu"
     tensorboard: bool = True  # also mirror metrics.jsonl into RUN/tb/ event files
+    strict_pairs: bool = False  # refuse items whose partner is absent (e.g. failed extraction) instead of dropping them
 
 
 @dataclass
@@ -104,14 +106,35 @@ def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched:
     return loss_fn(a, b)
 
 
+def checked_pairs(anchor: FeatureStore, partner: FeatureStore, cfg: TrainConfig) -> tuple[Pairs, Pairs, Pairs]:
+    """(every pair, training pairs, validation pairs) of a stage, or the error that stops it; called before
+    anything is written to the run directory, so a refused input leaves no run behind."""
+    pairs = pair_stores(anchor, partner, absent="error" if cfg.strict_pairs else "drop")
+    train_pairs, val_pairs = split_by_anchor(pairs, cfg.val_fraction, cfg.seed)
+    if len(train_pairs.anchors) < 2:
+        raise TrainingError(f"only {len(train_pairs.anchors)} training anchors: a contrastive batch needs 2 or more")
+    return pairs, train_pairs, val_pairs
+
+
+def _report_dropped(run: RunDir, stage: Stage, pairs: Pairs) -> None:
+    """One line for the pairs left out because a partner is absent, and their list in the run directory."""
+    other = stage.partner_store if pairs.dropped_from == str(stage.anchor_store.path) else stage.anchor_store
+    failed = {e.get("source_id") or e.get("id") for e in other.errors()}
+    listed = run.record_dropped_pairs(stage.name, pairs.dropped_from or "", other.path, pairs.dropped, failed)
+    n, n_failed = len(pairs.dropped), sum(ref in failed for _, ref in pairs.dropped)
+    example = ", ".join(f"{a!r} -> {b!r}" for a, b in pairs.dropped[:3])
+    print(f"[{stage.name}] left out {n} item(s) of {pairs.dropped_from} whose partner is absent from {other.path} "
+          f"({n_failed} failed extraction), e.g. {example}; listed in {listed} (--strict-pairs refuses instead)",
+          file=sys.stderr, flush=True)
+
+
 def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: Stage, resume: bool,
               progress: bool = True) -> dict:
     """Train ``stage`` and return its closing summary. The run config must already be written."""
     cfg = stage.train
-    pairs = pair_stores(stage.anchor_store, stage.partner_store)
-    train_pairs, val_pairs = split_by_anchor(pairs, cfg.val_fraction, cfg.seed)
-    if len(train_pairs.anchors) < 2:
-        raise TrainingError(f"only {len(train_pairs.anchors)} training anchors: a contrastive batch needs 2 or more")
+    pairs, train_pairs, val_pairs = checked_pairs(stage.anchor_store, stage.partner_store, cfg)
+    if pairs.dropped and distributed.is_main():
+        _report_dropped(run, stage, pairs)
     model.to(cfg.device)
     loss_fn.to(cfg.device)
     names = set(stage.trainable)
@@ -259,6 +282,9 @@ def fit_up(
         if store.modality != modality:
             raise TrainingError(f"store {store.path} holds {store.modality!r} features, not {modality!r}")
     train, loss = train or TrainConfig(), loss or LossConfig()
+    checked_pairs(images, texts, train)  # every input is checked before the run directory is touched
+    model_config = head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
+                               fusion=fusion).to_dict()
     run = RunDir(out, tensorboard=train.tensorboard)
     stores = {"image": store_record(images), "text": store_record(texts)}
     if resume and run.exists():
@@ -279,8 +305,7 @@ def fit_up(
             shutil.rmtree(run.path)
         config = {
             "head": head,
-            "model": head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
-                                 fusion=fusion).to_dict(),
+            "model": model_config,
             "loss": asdict(loss),
             "modalities": {name: {"store": record, "stage": "fit-up", "status": "training"}
                            for name, record in stores.items()},
@@ -331,6 +356,7 @@ def fit_al(
     check_compatible(config, pivot, pivot_features)
     if new.modality != modality:
         raise TrainingError(f"store {new.path} holds {new.modality!r} features, not {modality!r}")
+    checked_pairs(pivot_features, new, train)  # before the config or weights are touched
     record = config["modalities"].get(modality)
     stage_name = f"fit-al:{modality}"
     if record is None:

@@ -5,6 +5,7 @@ RUN/
   config.json                 head name + head config, loss settings, aligned modalities and the stores they came from
   model.safetensors           weights used for evaluation (best validation epoch; last epoch without validation)
   metrics.jsonl               one JSON record per epoch (stage, loss, temperature, validation retrieval)
+  dropped-pairs.json          items left out of a stage because their partner is absent (e.g. failed extraction)
   tb/<stage>/                 the same records as TensorBoard scalars, step = epoch (``tensorboard --logdir RUN/tb``)
   checkpoints/latest          name of the newest complete checkpoint directory
   checkpoints/epoch-000N/     model.safetensors + trainer_state.pt (optimizer, RNG, epoch) for --resume
@@ -35,6 +36,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
+DROPPED_PAIRS_FILE = "dropped-pairs.json"
 TENSORBOARD_DIR = "tb"
 _tensorboard_warned = False
 
@@ -287,6 +289,17 @@ class RunDir:
     def load_checkpoint_weights(self, model: nn.Module, loss: nn.Module) -> None:
         folder = self.checkpoints / (self.checkpoints / "latest").read_text().strip()
         _load_weights(model, loss, folder / WEIGHTS_FILE)
+
+    def record_dropped_pairs(self, stage: str, store: str, partner_store: str, dropped, failed: set) -> Path:
+        """List in ``dropped-pairs.json`` (by stage) the items of ``store`` left out because the id their ``ref``
+        names is absent from ``partner_store``; ``failed``: the ids that failed extraction there."""
+        path = self.path / DROPPED_PAIRS_FILE
+        listed = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        listed[stage] = {"store": str(store), "partner_store": str(partner_store),
+                         "items": [{"id": item, "ref": ref, "failed_extraction": ref in failed}
+                                   for item, ref in dropped]}
+        atomic_write_text(path, json.dumps(listed, indent=2, sort_keys=True))
+        return path
 
     def write_report(self, name: str, report: dict) -> Path:
         path = self.path / "eval" / f"{name}.json"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stores import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,3 +56,57 @@ def test_a_lone_surrogate_in_an_id_is_a_manifest_error_naming_the_line(tmp_path,
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"{manifest}:2: 'id' is not valid Unicode (lone surrogate U+D800" in result.stderr
+
+
+def _extract_pair_with_one_failed_image(root: Path, tiny_image_model: str, tiny_text_model: str) -> tuple[Path, Path]:
+    """Real stores: 8 images of which one is corrupt (it fails extraction), 16 captions that all name their image."""
+    import numpy as np
+    from PIL import Image
+
+    from extract.run import run_extraction
+
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images, captions = [], []
+    words = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
+    for i, word in enumerate(words):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        images.append(json.dumps({"id": f"img{i}", "path": f"img/{i}.png"}))
+        captions += [json.dumps({"id": f"img{i}-c{k}", "text": f"a {word} {shape}", "ref": f"img{i}"})
+                     for k, shape in enumerate(("circle", "square"))]
+    (root / "img" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # fails extraction with a reason
+    image_store, text_store = root / "images", root / "captions"
+    run_extraction(_write_jsonl(root / "images.jsonl", images), "image", tiny_image_model, image_store,
+                   progress=False)
+    run_extraction(_write_jsonl(root / "captions.jsonl", captions), "text", tiny_text_model, text_store,
+                   progress=False)
+    return image_store, text_store
+
+
+def test_one_failed_image_does_not_block_training_and_its_captions_are_listed(tmp_path, tiny_image_model,
+                                                                           tiny_text_model, capfd):
+    from pipeline.fit import TrainConfig, TrainingError, fit_up
+    from pipeline.pairs import PairingError
+
+    image_store, text_store = _extract_pair_with_one_failed_image(tmp_path, tiny_image_model, tiny_text_model)
+    assert [e["id"] for e in FeatureStore.open(image_store).errors()] == ["img3"]
+    train = {"epochs": 1, "batch_size": 4, "val_fraction": 0.25, "tensorboard": False}
+
+    strict = tmp_path / "strict-run"
+    with pytest.raises(PairingError, match="'img3-c0' -> 'img3'"):
+        fit_up(image_store, text_store, strict, width=16, blocks=1, train=TrainConfig(strict_pairs=True, **train),
+               progress=False)
+    assert not strict.exists()  # a refused input leaves no run directory behind (no --overwrite needed)
+    with pytest.raises(TrainingError, match="training anchors"):
+        fit_up(image_store, text_store, strict, width=16, blocks=1,
+               train=TrainConfig(**{**train, "val_fraction": 0.9}), progress=False)
+    assert not strict.exists()
+
+    run = tmp_path / "run"
+    fit_up(image_store, text_store, run, width=16, blocks=1, train=TrainConfig(**train), progress=False)
+    line = capfd.readouterr().err
+    assert "left out 2 item(s)" in line and "(2 failed extraction)" in line
+    listed = json.loads((run / "dropped-pairs.json").read_text())["fit-up"]
+    assert listed["items"] == [{"id": "img3-c0", "ref": "img3", "failed_extraction": True},
+                               {"id": "img3-c1", "ref": "img3", "failed_extraction": True}]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1  # it trained
