@@ -77,18 +77,32 @@ def store_record(store: FeatureStore) -> dict:
             "layout": store.layout, "items": len(store), "encoder_spec": (store.meta.summary or {}).get("encoder_spec")}
 
 
-def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> dict:
+def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> tuple[dict, list[str]]:
+    """Validation retrieval metrics, and the ids of items whose embedding is not finite: those items (and the
+    pairs they are in) are left out of the metrics, and counted there as ``nonfinite``."""
     if len(pairs) == 0:
-        return {}
+        return {}, []
     device = stage.train.device
     anchors = pairs.anchors
     row_of = {int(a): i for i, a in enumerate(anchors)}
     a = embed_store(model, stage.anchor, stage.anchor_store, anchors, device=device)
     b = embed_store(model, stage.partner, stage.partner_store, pairs.partner, device=device)
     a_of_b = np.asarray([row_of[int(x)] for x in pairs.anchor])
-    metrics = bidirectional_retrieval(a, b, a_of_b, stage.anchor, stage.partner)
+    a_ok, b_ok = torch.isfinite(a).all(1).numpy(), torch.isfinite(b).all(1).numpy()
+    bad = [stage.anchor_store.ids[int(i)] for i in anchors[~a_ok]]
+    bad += [stage.partner_store.ids[int(j)] for j in np.unique(pairs.partner[~b_ok])]
+    if bad:
+        keep = b_ok & a_ok[a_of_b]
+        if not keep.any():
+            raise TrainingError(f"every validation embedding of [{stage.name}] is non-finite (e.g. {bad[:3]}); "
+                                "check the stores for non-finite values")
+        rows = np.unique(a_of_b[keep])  # anchors left with a partner
+        a, b, a_of_b = a[rows], b[keep], np.searchsorted(rows, a_of_b[keep])
+    metrics: dict = bidirectional_retrieval(a, b, a_of_b, stage.anchor, stage.partner)
     metrics["rsum"] = sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
-    return metrics
+    if bad:
+        metrics["nonfinite"] = len(bad)
+    return metrics, bad
 
 
 def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched: tuple, batch_len: int,
@@ -207,12 +221,14 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
                                    "the stores for non-finite values")
             total += value * len(a_idx)
             count += len(a_idx)
-        val = _validate(model, stage, val_pairs) if main else {}  # only rank 0 keeps weights and writes the run
+        val, nonfinite = _validate(model, stage, val_pairs) if main else ({}, [])  # rank 0 writes the run
         record = {
             "stage": stage.name, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,
             "target_mix": loss_fn.target_mix, "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3),
             "val": val,
         }
+        if nonfinite:
+            record["val_nonfinite_ids"] = nonfinite[:20]
         score = val.get("rsum", float(epoch))  # without validation the last epoch is kept
         if score > best:
             best = score
@@ -237,6 +253,8 @@ def _epoch_line(record: dict) -> str:
     for direction, m in record["val"].items():
         if isinstance(m, dict):
             line += f"  {direction} R@1 {m['R@1']:.3f} R@5 {m['R@5']:.3f}"
+    if record["val"].get("nonfinite"):
+        line += f"  ({record['val']['nonfinite']} non-finite val items left out, e.g. {record['val_nonfinite_ids'][0]!r})"
     return line + ("  *" if record.get("saved") else "") + f"  ({record['seconds']:.1f}s)"
 
 

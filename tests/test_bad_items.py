@@ -110,3 +110,34 @@ def test_one_failed_image_does_not_block_training_and_its_captions_are_listed(tm
     assert listed["items"] == [{"id": "img3-c0", "ref": "img3", "failed_extraction": True},
                                {"id": "img3-c1", "ref": "img3", "failed_extraction": True}]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1  # it trained
+
+
+def test_a_nan_validation_caption_is_left_out_of_the_metrics_and_counted(tmp_path, capsys):
+    import torch
+    from toy_stores import _write, make_toy_pair
+
+    from pipeline.fit import TrainConfig, fit_up
+    from pipeline.pairs import pair_stores, split_by_anchor
+    from pipeline.rundir import RunDir
+
+    image_store, text_store = make_toy_pair(tmp_path, n_images=24, captions=2)
+    images, texts = FeatureStore.open(image_store), FeatureStore.open(text_store)
+    train = TrainConfig(epochs=1, batch_size=8, val_fraction=0.25, seed=2, tensorboard=False)
+    _, val = split_by_anchor(pair_stores(images, texts), train.val_fraction, train.seed)
+    poisoned = texts.ids[int(val.partner[0])]  # a caption of a validation image
+    tokens = [texts.get_batch([i])[0][0, : int(texts.lengths[i])] for i in range(len(texts))]
+    tokens[texts.index_of(poisoned)][0, 0] = float("nan")
+    metas = [{"id": i, "ref": r} for i, r in zip(texts.ids, texts.refs, strict=True)]
+    nan_text = _write(tmp_path / "nan-text", "text", "ragged", tokens, metas, texts.dim, None, texts.identity)
+
+    run = tmp_path / "run"
+    fit_up(image_store, nan_text, run, width=32, blocks=1, train=train)
+    records = RunDir(run).metrics()
+    for record in records:
+        val_metrics = record["val"]
+        assert all(not isinstance(v, float) or v == v for v in val_metrics.values())  # no NaN in the metrics
+        assert val_metrics["nonfinite"] == 1 and record["val_nonfinite_ids"] == [poisoned]
+        assert val_metrics["image->text"]["queries"] == len(val.anchors)  # its image keeps its other caption
+        assert val_metrics["text->image"]["queries"] == len(val) - 1  # the NaN caption is no query
+    assert torch.isfinite(torch.tensor([r["val"]["rsum"] for r in records])).all()
+    assert f"1 non-finite val items left out, e.g. {poisoned!r}" in capsys.readouterr().out
