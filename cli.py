@@ -816,14 +816,17 @@ def report(run_dirs, out) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=".npy file (rows in input order; ids in FILE.ids.json); default: print JSON")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--trust-plugins", is_flag=True,
+              help="run the encoder plugin the run recorded (its code runs: only for runs you trust)")
 @friendly_errors
-def encode(run_dir, modality, inputs, encoder_spec, out, device) -> None:
+def encode(run_dir, modality, inputs, encoder_spec, out, device, trust_plugins) -> None:
     """Raw files (or strings for text) -> aligned, L2-normalised embeddings, via the same extraction path."""
     import numpy as np
 
     from pipeline.encode import encode as run_encode
 
-    ids, embeddings = run_encode(run_dir, modality, list(inputs), encoder_spec=encoder_spec, device=device)
+    ids, embeddings = run_encode(run_dir, modality, list(inputs), encoder_spec=encoder_spec, device=device,
+                                 trust_plugins=trust_plugins)
     if out is None:
         click.echo(json.dumps({"ids": ids, "embeddings": embeddings.round(6).tolist()}))
         return
@@ -871,8 +874,10 @@ def stores_info(store, as_json) -> None:
 @stores.command("verify")
 @click.argument("store", type=STORE)
 @click.option("--repair", is_flag=True, help="re-extract exactly the bad shards from the source media")
+@click.option("--trust-plugins", is_flag=True,
+              help="let --repair run the encoder plugin the store recorded (its code runs: only for stores you trust)")
 @friendly_errors
-def stores_verify(store, repair) -> None:
+def stores_verify(store, repair, trust_plugins) -> None:
     """Re-hash every shard against the store's manifest; name any missing, truncated or altered one."""
     from stores.integrity import verify
 
@@ -880,7 +885,7 @@ def stores_verify(store, repair) -> None:
     if problems and repair:
         from extract.repair import repair_store
 
-        repaired = repair_store(store)
+        repaired = repair_store(store, trust_plugins=trust_plugins)
         click.echo(f"re-extracted {len(repaired)} shard(s): {', '.join(map(str, repaired))}")
         problems = verify(store)
     for problem in problems:

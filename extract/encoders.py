@@ -84,9 +84,11 @@ __all__ = [
     "HFVideoPreprocessor",
     "MODALITIES",
     "Preprocessor",
+    "check_recorded_spec",
     "encoder_identity",
     "freeze",
     "inference_context",
+    "is_foreign_plugin",
     "load_encoder",
 ]
 
@@ -219,6 +221,25 @@ def _plugin_target(spec: str) -> tuple[str, str] | None:
     if not module or not attr.isidentifier():
         return None
     return module, attr
+
+
+SHIPPED_PLUGINS = "extract.plugins."  # plugins that come with this project: code the user installed
+
+
+def is_foreign_plugin(spec: str) -> bool:
+    """Whether loading ``spec`` runs plugin code other than the plugins shipped with this project. Transformers
+    directories and hub ids load without remote code (``trust_remote_code`` stays off) and are not plugins."""
+    target = _plugin_target(spec)
+    return target is not None and not target[0].startswith(SHIPPED_PLUGINS)
+
+
+def check_recorded_spec(spec: str, source: str, *, trust_plugins: bool) -> None:
+    """Refuse to run a plugin whose spec was read from ``source`` (a store or run directory, which may come from
+    someone else) rather than given by the user, unless ``trust_plugins``: importing a plugin runs its code."""
+    if is_foreign_plugin(spec) and not trust_plugins:
+        raise EncoderError(
+            f"{source} records the encoder plugin {spec!r}; running it would execute that code. If you trust whoever "
+            "made it, pass --trust-plugins; or give the encoder spec yourself (see SECURITY.md)")
 
 
 def _import_plugin_module(module: str) -> Any:
