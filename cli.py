@@ -103,10 +103,16 @@ def main() -> None:
 @click.option("--clips", default=1, show_default=True, help="video: evenly spaced clips, stored as items ID#clipK")
 @click.option("--frame-pool", type=click.Choice(["mean", "keep"]), default="mean", show_default=True,
               help="video with an image encoder: mean of frames' tokens, or all frames' tokens concatenated")
+@click.option("--max-pixels", type=int, default=None,
+              help="image: largest image decoded, in pixels (default 50,000,000); a larger one is an error record")
+@click.option("--max-decoded-seconds", type=float, default=None,
+              help="audio: longest audio decoded at once (default 3600); a longer one is an error record")
+@click.option("--max-video-pixels", type=int, default=None,
+              help="video: pixels of every sampled frame of one video together (default 150,000,000)")
 @friendly_errors
 def extract(modality, encoder_spec, manifest, store, batch_size, device, dtype, keep, pool, layer, max_tokens,
             workers, shard_mb, on_error, overwrite, sample_rate, max_seconds, segment, frames, sampling, fps, clips,
-            frame_pool, resampler) -> None:
+            frame_pool, resampler, max_pixels, max_decoded_seconds, max_video_pixels) -> None:
     """Run a frozen encoder over a manifest once and cache its tokens in a sharded Zarr v3 store."""
     from extract.run import default_workers, run_extraction
     from pipeline.distributed import session
@@ -121,7 +127,9 @@ def extract(modality, encoder_spec, manifest, store, batch_size, device, dtype, 
                        keep=keep, pool=pool, layer=layer, max_tokens=max_tokens, workers=int(workers),
                        overwrite=overwrite, shard_mb=shard_mb, on_error=on_error, progress=True,
                        sample_rate=sample_rate, max_seconds=max_seconds, segment=segment, frames=frames,
-                       sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool, resampler=resampler)
+                       sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool, resampler=resampler,
+                       max_pixels=max_pixels, max_decoded_seconds=max_decoded_seconds,
+                       max_video_pixels=max_video_pixels)
 
 
 # ---- manifests ---------------------------------------------------------------------------------------------------

@@ -58,8 +58,10 @@ from .filehash import file_sha256, files_sha256
 from .manifest import Item, escape_surrogates, unicode_problem
 from .media import (
     AUDIO_DECODER_VERSION,
+    DEFAULT_MAX_PIXELS,
     VIDEO_DECODER_VERSION,
     AudioOptions,
+    ImageOptions,
     MediaError,
     VideoOptions,
     load_audio_parts,
@@ -268,14 +270,19 @@ def _import_plugin_module(module: str) -> Any:
         raise EncoderError(f"cannot import plugin module {module!r}: {exc}") from exc
 
 
+MediaOptions = AudioOptions | VideoOptions | ImageOptions
+
+
 def _media_options(
-    modality: str, audio: AudioOptions | None, video: VideoOptions | None
-) -> AudioOptions | VideoOptions | None:
-    """The decoding options that apply to ``modality`` (defaults when not given); None for image and text."""
+    modality: str, audio: AudioOptions | None, video: VideoOptions | None, image: ImageOptions | None = None
+) -> MediaOptions | None:
+    """The decoding options that apply to ``modality`` (defaults when not given); None for text."""
     if modality == "audio":
         return audio or AudioOptions()
     if modality == "video":
         return video or VideoOptions()
+    if modality == "image":
+        return image or ImageOptions()
     return None
 
 
@@ -284,10 +291,11 @@ def _plugin_kwargs(
     layer: int,
     max_tokens: int | None,
     options: dict[str, Any] | None,
-    media: AudioOptions | VideoOptions | None = None,
+    media: MediaOptions | None = None,
 ) -> dict:
-    """Keyword arguments of a plugin's callable and identity: audio/video plugins also get the decoding options
-    (``sample_rate``, ``max_seconds``, ``segment`` / ``frames``, ``sampling``, ``fps``, ``clips``)."""
+    """Keyword arguments of a plugin's callable and identity: image/audio/video plugins also get the decoding
+    options (``max_pixels`` / ``sample_rate``, ``max_seconds``, ``segment``, ``max_decoded_seconds`` / ``frames``,
+    ``sampling``, ``fps``, ``clips``, ``max_video_pixels``)."""
     extra = media.identity() if media is not None else {}
     clash = sorted(set(extra) & set(options or {}))
     if clash:
@@ -411,7 +419,7 @@ def _plugin_identity(
     layer: int,
     max_tokens: int | None,
     options: dict[str, Any] | None,
-    media: AudioOptions | VideoOptions | None = None,
+    media: MediaOptions | None = None,
 ) -> tuple[dict[str, Any], FrozenEncoder | None]:
     """Plugin identity, and the loaded encoder when identity needed loading it (so the caller can reuse it)."""
     target = _plugin_target(spec)
@@ -452,6 +460,7 @@ def encoder_identity(
     audio: AudioOptions | None = None,
     video: VideoOptions | None = None,
     frame_pool: str = "mean",
+    image: ImageOptions | None = None,
 ) -> dict[str, Any]:
     """JSON-able identity of an encoder configuration, computed without loading the model where possible.
 
@@ -462,7 +471,7 @@ def encoder_identity(
     """
     _check_modality(modality)
     _check_frame_pool(frame_pool)
-    media = _media_options(modality, audio, video)
+    media = _media_options(modality, audio, video, image)
     if modality == "video" and _frame_mode(spec):
         assert isinstance(media, VideoOptions)
         image = encoder_identity(spec, "image", layer=layer, max_tokens=max_tokens, options=options)
@@ -657,8 +666,9 @@ def _require_path(item: Item, kind: str, failed: list[tuple[Item, str]]) -> bool
 class HFImagePreprocessor:
     """Decodes image items with :func:`load_image` and runs the HF image processor on the good ones."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.processor = processor
+        self.max_pixels = max_pixels
 
     def _process(self, images: list[Any]) -> torch.Tensor:
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -675,7 +685,7 @@ class HFImagePreprocessor:
             if not _require_path(item, "image", failed):
                 continue
             try:
-                images.append(load_image(item.path))  # type: ignore[arg-type]
+                images.append(load_image(item.path, self.max_pixels))  # type: ignore[arg-type]
                 good.append(item)
             except MediaError as exc:
                 failed.append((item, exc.reason))
@@ -750,7 +760,7 @@ class HFImageEncoder(_HFEncoder):
 
     modality = "image"
 
-    def __init__(self, spec: str, *, layer: int = -1) -> None:
+    def __init__(self, spec: str, *, layer: int = -1, image: ImageOptions | None = None) -> None:
         from PIL import Image
         from transformers import AutoImageProcessor, AutoModel
 
@@ -758,7 +768,7 @@ class HFImageEncoder(_HFEncoder):
             processor = _load_image_processor(AutoImageProcessor, spec)
             model = AutoModel.from_pretrained(spec)
         super().__init__(spec, _select_tower(model, "image"), layer)
-        self.preprocessor = HFImagePreprocessor(processor)
+        self.preprocessor = HFImagePreprocessor(processor, (image or ImageOptions()).max_pixels)
         wide = self.preprocessor._process([Image.new("RGB", (96, 64))])
         tall = self.preprocessor._process([Image.new("RGB", (64, 96))])
         if wide.shape != tall.shape:
@@ -802,8 +812,10 @@ class HFAudioPreprocessor:
         spectrogram: bool,
         pass_rate: bool,
         resampler: str,
+        max_decoded_seconds: float | None = None,
     ) -> None:
         self.extractor = extractor
+        self.max_decoded_seconds = max_decoded_seconds
         self.resampler = resampler
         self.sample_rate = sample_rate
         self.max_seconds = max_seconds
@@ -843,6 +855,7 @@ class HFAudioPreprocessor:
                     segment=self.segment,
                     min_samples=self.min_samples,
                     resampler=self.resampler,
+                    max_decoded_seconds=self.max_decoded_seconds,
                 )
             except MediaError as exc:
                 failed.append((item, exc.reason))
@@ -900,6 +913,7 @@ class HFAudioEncoder(_HFEncoder):
         self.preprocessor = HFAudioPreprocessor(
             extractor, self.sample_rate, max_seconds, self.audio.segment, self.min_samples, self.spectrogram,
             pass_rate=self.sample_rate == native, resampler=self.audio.resampler,
+            max_decoded_seconds=self.audio.max_decoded_seconds,
         )
         probe = self._run(self.preprocessor.waves([torch.zeros(max(self.min_samples, self.sample_rate // 10))]))
         self.dim = int(probe.shape[-1])  # also validates `layer` now, not mid-run
@@ -966,7 +980,7 @@ class _ClipPreprocessor:
                 continue
             try:
                 path: str = item.path  # type: ignore[assignment]  # checked by _require_path
-                item_clips = load_video_frames(path, v.frames, v.sampling, v.fps, v.clips)
+                item_clips = load_video_frames(path, v.frames, v.sampling, v.fps, v.clips, v.max_video_pixels)
             except MediaError as exc:
                 failed.append((item, exc.reason))
                 continue
@@ -1152,7 +1166,7 @@ def _load_plugin(
     layer: int,
     max_tokens: int | None,
     options: dict[str, Any] | None,
-    media: AudioOptions | VideoOptions | None = None,
+    media: MediaOptions | None = None,
 ) -> FrozenEncoder:
     target = _plugin_target(spec)
     assert target is not None
@@ -1181,6 +1195,7 @@ def load_encoder(
     audio: AudioOptions | None = None,
     video: VideoOptions | None = None,
     frame_pool: str = "mean",
+    image: ImageOptions | None = None,
 ) -> FrozenEncoder:
     """Load a frozen encoder from a plugin spec, a local ``save_pretrained`` dir or a hub id; move it to device.
 
@@ -1189,7 +1204,7 @@ def load_encoder(
     """
     _check_modality(modality)
     _check_frame_pool(frame_pool)
-    media = _media_options(modality, audio, video)
+    media = _media_options(modality, audio, video, image)
     if modality == "video" and _frame_mode(spec):
         assert isinstance(media, VideoOptions)
         image = load_encoder(spec, "image", layer=layer, max_tokens=max_tokens, device=device, options=options)
@@ -1211,5 +1226,5 @@ def load_encoder(
         elif modality == "video":
             encoder = HFVideoEncoder(spec, layer=layer, video=media)  # type: ignore[arg-type]
         else:
-            encoder = HFImageEncoder(spec, layer=layer)
+            encoder = HFImageEncoder(spec, layer=layer, image=media)  # type: ignore[arg-type]
     return encoder.to(device)
