@@ -210,7 +210,10 @@ def write_manifest(path: str | os.PathLike[str], records: Iterable[Item | Mappin
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for record in records:
-                f.write(json.dumps(_record(record), ensure_ascii=False) + "\n")
+                line = json.dumps(_record(record), ensure_ascii=False)
+                if unicode_problem(line):  # a lone surrogate: JSON's escape carries it, UTF-8 cannot
+                    line = json.dumps(_record(record))
+                f.write(line + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

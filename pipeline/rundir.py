@@ -45,8 +45,18 @@ class RunError(RuntimeError):
     """The run directory is missing, inconsistent or incompatible with what was asked."""
 
 
-# Identity fields that may differ between the store a run was trained on and one it is evaluated on.
+# Identity fields that may differ between the store a run was trained on and one it is evaluated on: which items
+# (the manifest, the size bounds that leave oversized items out) and the stored dtype, not how an item is encoded.
 _DATASET_FIELDS = ("manifest_sha256", "dtype")
+_SIZE_BOUNDS = ("max_pixels", "max_decoded_seconds", "max_video_pixels")
+
+
+def _features_identity(identity: dict) -> dict:
+    """What makes two stores' features comparable: the identity without its dataset fields and size bounds."""
+    out = {k: v for k, v in identity.items() if k not in _DATASET_FIELDS}
+    media = {k: v for k, v in (identity.get("media") or {}).items() if k not in _SIZE_BOUNDS}
+    out.pop("media", None)
+    return {**out, "media": media} if media else out
 
 
 def check_compatible(config: dict, modality: str, store: FeatureStore) -> None:
@@ -55,8 +65,7 @@ def check_compatible(config: dict, modality: str, store: FeatureStore) -> None:
     if modality not in aligned:
         raise RunError(f"modality {modality!r} is not aligned in this run (aligned: {sorted(aligned)})")
     trained = aligned[modality]["store"]
-    strip = lambda identity: {k: v for k, v in identity.items() if k not in _DATASET_FIELDS}  # noqa: E731
-    differences = identity_differences(strip(trained["identity"]), strip(store.identity))
+    differences = identity_differences(_features_identity(trained["identity"]), _features_identity(store.identity))
     if differences or trained["dim"] != store.dim:
         raise RunError(
             f"store {store.path} was not made like the {modality} store the run was trained on ({trained['path']}): "

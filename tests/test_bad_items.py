@@ -141,3 +141,10 @@ def test_a_nan_validation_caption_is_left_out_of_the_metrics_and_counted(tmp_pat
         assert val_metrics["text->image"]["queries"] == len(val) - 1  # the NaN caption is no query
     assert torch.isfinite(torch.tensor([r["val"]["rsum"] for r in records])).all()
     assert f"1 non-finite val items left out, e.g. {poisoned!r}" in capsys.readouterr().out
+
+
+def test_write_manifest_keeps_a_lone_surrogate_as_a_json_escape(tmp_path):
+    from extract.manifest import read_manifest, write_manifest
+
+    path = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "text": "x\udcff y"}, {"id": "b", "text": "café"}])
+    assert [item.text for item in read_manifest(path)] == ["x\udcff y", "café"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import first_codec, gray_frame, sine, write_audio_file, write_video_file
 from PIL import Image
 
@@ -84,3 +85,22 @@ def test_video_frames_over_the_pixel_bound_are_refused(tmp_path):
     with pytest.raises(MediaError, match=r"video too large: 8 frames of 64x48 = 24,576 pixels, over the bound of "
                                          r"24,575 \(raise it with --max-video-pixels\)"):
         load_video_frames(video, 4, clips=2, max_video_pixels=8 * 64 * 48 - 1)
+
+
+def test_a_run_accepts_a_store_made_with_other_size_bounds_but_not_other_decoding(tmp_path):
+    from toy_stores import _write
+
+    from pipeline.rundir import RunError, check_compatible
+
+    base = {"encoder": {"id": "toy"}, "modality": "audio", "layer": -1, "keep": "tokens",
+            "media": {"sample_rate": None, "max_seconds": 2.0, "segment": "drop", "resampler": "swr"}}
+    config = {"modalities": {"audio": {"store": {"identity": base, "dim": 3, "path": "trained"}}}}
+    item = [torch.zeros(2, 3)]
+
+    def store(name: str, media: dict):
+        path = _write(tmp_path / name, "audio", "ragged", item, [{"id": "a"}], 3, None, {**base, "media": media})
+        return FeatureStore.open(path)
+
+    check_compatible(config, "audio", store("bounded", {**base["media"], "max_decoded_seconds": 60.0}))
+    with pytest.raises(RunError, match="max_seconds"):
+        check_compatible(config, "audio", store("other", {**base["media"], "max_seconds": 5.0}))
