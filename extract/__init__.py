@@ -27,6 +27,7 @@ _EXPORTS = {
     "coco_captions_to_manifests": "adapters",
     "image_folder_to_manifest": "adapters",
     "AudioOptions": "media",
+    "ImageOptions": "media",
     "MediaError": "media",
     "VideoOptions": "media",
     "load_audio": "media",
