@@ -135,10 +135,17 @@ def main(quiet: bool, verbose: int) -> None:
 @click.option("--clips", default=1, show_default=True, help="video: evenly spaced clips, stored as items ID#clipK")
 @click.option("--frame-pool", type=click.Choice(["mean", "keep"]), default="mean", show_default=True,
               help="video with an image encoder: mean of frames' tokens, or all frames' tokens concatenated")
+@click.option("--max-pixels", type=int, default=None,
+              help="image: largest image decoded, in pixels (default 50,000,000); a larger one is an error record")
+@click.option("--max-decoded-seconds", type=float, default=None,
+              help="audio: longest audio decoded at once (default 3600); a longer one is an error record")
+@click.option("--max-video-pixels", type=int, default=None,
+              help="video: pixels of every sampled frame of one video together (default 150,000,000)")
 @friendly_errors
 def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, id_column, inputs_dir, store,
             batch_size, device, dtype, keep, pool, layer, max_tokens, workers, shard_mb, on_error, overwrite,
-            sample_rate, max_seconds, segment, frames, sampling, fps, clips, frame_pool, resampler) -> None:
+            sample_rate, max_seconds, segment, frames, sampling, fps, clips, frame_pool, resampler, max_pixels,
+            max_decoded_seconds, max_video_pixels) -> None:
     """Run a frozen encoder over a manifest (or --inputs) once and cache its tokens in a sharded Zarr v3 store."""
     from extract.run import default_workers, run_extraction
     from pipeline.distributed import session
@@ -163,7 +170,9 @@ def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, 
                        keep=keep, pool=pool, layer=layer, max_tokens=max_tokens, workers=int(workers),
                        overwrite=overwrite, shard_mb=shard_mb, on_error=on_error, progress=True,
                        sample_rate=sample_rate, max_seconds=max_seconds, segment=segment, frames=frames,
-                       sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool, resampler=resampler)
+                       sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool, resampler=resampler,
+                       max_pixels=max_pixels, max_decoded_seconds=max_decoded_seconds,
+                       max_video_pixels=max_video_pixels)
 
 
 # ---- manifests ---------------------------------------------------------------------------------------------------
@@ -465,6 +474,9 @@ def train_options(epochs: int, batch_size: int):
                      show_default=True, help="one random caption per image per epoch, or every pair"),
         click.option("--device", default="cpu", show_default=True),
         click.option("--resume", is_flag=True, help="continue the run from its last checkpoint"),
+        click.option("--strict-pairs", is_flag=True,
+                     help="refuse items whose partner is absent from the other store (default: leave them out, "
+                          "counted and listed in RUN/dropped-pairs.json)"),
         click.option("--no-tensorboard", "no_tensorboard", is_flag=True,
                      help="metrics.jsonl only, no RUN/tb/ event files"),
     ]
@@ -951,14 +963,17 @@ def report(run_dirs, out) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=".npy file (rows in input order; ids in FILE.ids.json); default: print JSON")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--trust-plugins", is_flag=True,
+              help="run the encoder plugin the run recorded (its code runs: only for runs you trust)")
 @friendly_errors
-def encode(run_dir, modality, inputs, encoder_spec, out, device) -> None:
+def encode(run_dir, modality, inputs, encoder_spec, out, device, trust_plugins) -> None:
     """Raw files (or strings for text) -> aligned, L2-normalised embeddings, via the same extraction path."""
     import numpy as np
 
     from pipeline.encode import encode as run_encode
 
-    ids, embeddings = run_encode(run_dir, modality, list(inputs), encoder_spec=encoder_spec, device=device)
+    ids, embeddings = run_encode(run_dir, modality, list(inputs), encoder_spec=encoder_spec, device=device,
+                                 trust_plugins=trust_plugins)
     if out is None:
         click.echo(json.dumps({"ids": ids, "embeddings": embeddings.round(6).tolist()}))
         return
@@ -1111,9 +1126,11 @@ def stores_info(store, as_json) -> None:
 @stores.command("verify")
 @click.argument("store", type=STORE)
 @click.option("--repair", is_flag=True, help="re-extract exactly the bad shards from the source media")
+@click.option("--trust-plugins", is_flag=True,
+              help="let --repair run the encoder plugin the store recorded (its code runs: only for stores you trust)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON (docs/json.md); exit 1 still means bad")
 @friendly_errors
-def stores_verify(store, repair, as_json) -> None:
+def stores_verify(store, repair, trust_plugins, as_json) -> None:
     """Re-hash every shard against the store's manifest; name any missing, truncated or altered one."""
     from stores.integrity import verify
 
@@ -1122,7 +1139,7 @@ def stores_verify(store, repair, as_json) -> None:
     if problems and repair:
         from extract.repair import repair_store
 
-        repaired = repair_store(store)
+        repaired = repair_store(store, trust_plugins=trust_plugins)
         if not as_json:
             click.echo(f"re-extracted {len(repaired)} shard(s): {', '.join(map(str, repaired))}")
         problems = verify(store)

@@ -5,7 +5,7 @@ Public API (imported lazily, so ``import extract`` does not import torch or tran
     from extract import read_manifest, write_manifest, manifest_sha256, Item, ManifestError
     from extract import coco_captions_to_manifests, image_folder_to_manifest
     from extract import load_image, load_audio, load_audio_parts, load_video_frames, MediaError
-    from extract import AudioOptions, VideoOptions
+    from extract import AudioOptions, ImageOptions, VideoOptions
     from extract import load_encoder, encoder_identity, freeze, FrozenEncoder, Preprocessor
     from extract import run_extraction, ExtractionResult, ExtractionError
     from extract import save_tiny_text_model, save_tiny_image_model, save_tiny_audio_model, save_tiny_video_model
@@ -27,6 +27,7 @@ _EXPORTS = {
     "coco_captions_to_manifests": "adapters",
     "image_folder_to_manifest": "adapters",
     "AudioOptions": "media",
+    "ImageOptions": "media",
     "MediaError": "media",
     "VideoOptions": "media",
     "load_audio": "media",

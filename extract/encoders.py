@@ -46,6 +46,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -54,11 +55,13 @@ import torch
 from torch import nn
 
 from .filehash import file_sha256, files_sha256
-from .manifest import Item
+from .manifest import Item, escape_surrogates, unicode_problem
 from .media import (
     AUDIO_DECODER_VERSION,
+    DEFAULT_MAX_PIXELS,
     VIDEO_DECODER_VERSION,
     AudioOptions,
+    ImageOptions,
     MediaError,
     VideoOptions,
     load_audio_parts,
@@ -83,10 +86,12 @@ __all__ = [
     "HFVideoPreprocessor",
     "MODALITIES",
     "Preprocessor",
+    "check_recorded_spec",
     "encoder_identity",
     "freeze",
     "image_tokens_start_with_cls",
     "inference_context",
+    "is_foreign_plugin",
     "load_encoder",
 ]
 
@@ -238,6 +243,25 @@ def _plugin_target(spec: str) -> tuple[str, str] | None:
     return module, attr
 
 
+SHIPPED_PLUGINS = "extract.plugins."  # plugins that come with this project: code the user installed
+
+
+def is_foreign_plugin(spec: str) -> bool:
+    """Whether loading ``spec`` runs plugin code other than the plugins shipped with this project. Transformers
+    directories and hub ids load without remote code (``trust_remote_code`` stays off) and are not plugins."""
+    target = _plugin_target(spec)
+    return target is not None and not target[0].startswith(SHIPPED_PLUGINS)
+
+
+def check_recorded_spec(spec: str, source: str, *, trust_plugins: bool) -> None:
+    """Refuse to run a plugin whose spec was read from ``source`` (a store or run directory, which may come from
+    someone else) rather than given by the user, unless ``trust_plugins``: importing a plugin runs its code."""
+    if is_foreign_plugin(spec) and not trust_plugins:
+        raise EncoderError(
+            f"{source} records the encoder plugin {spec!r}; running it would execute that code. If you trust whoever "
+            "made it, pass --trust-plugins; or give the encoder spec yourself (see SECURITY.md)")
+
+
 def _import_plugin_module(module: str) -> Any:
     if module.endswith(".py"):
         path = os.path.abspath(module)
@@ -264,14 +288,19 @@ def _import_plugin_module(module: str) -> Any:
         raise EncoderError(f"cannot import plugin module {module!r}: {exc}") from exc
 
 
+MediaOptions = AudioOptions | VideoOptions | ImageOptions
+
+
 def _media_options(
-    modality: str, audio: AudioOptions | None, video: VideoOptions | None
-) -> AudioOptions | VideoOptions | None:
-    """The decoding options that apply to ``modality`` (defaults when not given); None for image and text."""
+    modality: str, audio: AudioOptions | None, video: VideoOptions | None, image: ImageOptions | None = None
+) -> MediaOptions | None:
+    """The decoding options that apply to ``modality`` (defaults when not given); None for text."""
     if modality == "audio":
         return audio or AudioOptions()
     if modality == "video":
         return video or VideoOptions()
+    if modality == "image":
+        return image or ImageOptions()
     return None
 
 
@@ -280,10 +309,11 @@ def _plugin_kwargs(
     layer: int,
     max_tokens: int | None,
     options: dict[str, Any] | None,
-    media: AudioOptions | VideoOptions | None = None,
+    media: MediaOptions | None = None,
 ) -> dict:
-    """Keyword arguments of a plugin's callable and identity: audio/video plugins also get the decoding options
-    (``sample_rate``, ``max_seconds``, ``segment`` / ``frames``, ``sampling``, ``fps``, ``clips``)."""
+    """Keyword arguments of a plugin's callable and identity: image/audio/video plugins also get the decoding
+    options (``max_pixels`` / ``sample_rate``, ``max_seconds``, ``segment``, ``max_decoded_seconds`` / ``frames``,
+    ``sampling``, ``fps``, ``clips``, ``max_video_pixels``)."""
     extra = media.identity() if media is not None else {}
     clash = sorted(set(extra) & set(options or {}))
     if clash:
@@ -450,7 +480,7 @@ def _plugin_identity(
     layer: int,
     max_tokens: int | None,
     options: dict[str, Any] | None,
-    media: AudioOptions | VideoOptions | None = None,
+    media: MediaOptions | None = None,
 ) -> tuple[dict[str, Any], FrozenEncoder | None]:
     """Plugin identity, and the loaded encoder when identity needed loading it (so the caller can reuse it)."""
     target = _plugin_target(spec)
@@ -491,6 +521,7 @@ def encoder_identity(
     audio: AudioOptions | None = None,
     video: VideoOptions | None = None,
     frame_pool: str = "mean",
+    image: ImageOptions | None = None,
 ) -> dict[str, Any]:
     """JSON-able identity of an encoder configuration, computed without loading the model where possible.
 
@@ -501,7 +532,7 @@ def encoder_identity(
     """
     _check_modality(modality)
     _check_frame_pool(frame_pool)
-    media = _media_options(modality, audio, video)
+    media = _media_options(modality, audio, video, image)
     if modality == "video" and _frame_mode(spec):
         assert isinstance(media, VideoOptions)
         image = encoder_identity(spec, "image", layer=layer, max_tokens=max_tokens, options=options)
@@ -612,6 +643,11 @@ class HFTextPreprocessor:
         self.tokenizer.padding_side = "right"  # stores keep the FIRST lengths[b] rows: padding must trail
         self.max_tokens = max_tokens
 
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
     def __call__(self, items: list[Item]) -> dict[str, Any]:
         good: list[Item] = []
         texts: list[str] = []
@@ -627,14 +663,32 @@ class HFTextPreprocessor:
             if text is None or not text.strip():
                 failed.append((item, "empty text"))
                 continue
+            problem = unicode_problem(text)
+            if problem is not None:
+                # The error table is UTF-8 JSON: it records the text with the bad code point escaped.
+                shown = replace(item, text=escape_surrogates(item.text))
+                failed.append((shown, f"text is not valid Unicode: {problem}"))
+                continue
             good.append(item)
             texts.append(text)
         batch: dict[str, Any] = {"items": good, "failed": failed}
-        if texts:
-            enc = self.tokenizer(
-                texts, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt"
-            )
-            batch.update({k: v for k, v in enc.items() if isinstance(v, torch.Tensor)})
+        if not texts:
+            return batch
+        try:
+            batch.update(self._tokenize(texts))
+        except Exception:
+            # One text the tokenizer refuses fails alone; the others are tokenized together again, so their
+            # padding (and their tokens) are exactly what the batch would have given them.
+            kept = []
+            for item, text in zip(good, texts, strict=True):
+                try:
+                    self._tokenize([text])
+                    kept.append((item, text))
+                except Exception as exc:
+                    failed.append((item, f"tokenizer failed: {type(exc).__name__}: {exc}"))
+            batch["items"] = [item for item, _ in kept]
+            if kept:
+                batch.update(self._tokenize([text for _, text in kept]))
         return batch
 
 
@@ -674,8 +728,9 @@ def _require_path(item: Item, kind: str, failed: list[tuple[Item, str]]) -> bool
 class HFImagePreprocessor:
     """Decodes image items with :func:`load_image` and runs the HF image processor on the good ones."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.processor = processor
+        self.max_pixels = max_pixels
 
     def _process(self, images: list[Any]) -> torch.Tensor:
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -692,7 +747,7 @@ class HFImagePreprocessor:
             if not _require_path(item, "image", failed):
                 continue
             try:
-                images.append(load_image(item.path))  # type: ignore[arg-type]
+                images.append(load_image(item.path, self.max_pixels))  # type: ignore[arg-type]
                 good.append(item)
             except MediaError as exc:
                 failed.append((item, exc.reason))
@@ -767,7 +822,7 @@ class HFImageEncoder(_HFEncoder):
 
     modality = "image"
 
-    def __init__(self, spec: str, *, layer: int = -1) -> None:
+    def __init__(self, spec: str, *, layer: int = -1, image: ImageOptions | None = None) -> None:
         from PIL import Image
         from transformers import AutoImageProcessor, AutoModel
 
@@ -775,7 +830,7 @@ class HFImageEncoder(_HFEncoder):
             processor = _load_image_processor(AutoImageProcessor, spec)
             model = AutoModel.from_pretrained(spec)
         super().__init__(spec, _select_tower(model, "image"), layer)
-        self.preprocessor = HFImagePreprocessor(processor)
+        self.preprocessor = HFImagePreprocessor(processor, (image or ImageOptions()).max_pixels)
         wide = self.preprocessor._process([Image.new("RGB", (96, 64))])
         tall = self.preprocessor._process([Image.new("RGB", (64, 96))])
         if wide.shape != tall.shape:
@@ -819,8 +874,10 @@ class HFAudioPreprocessor:
         spectrogram: bool,
         pass_rate: bool,
         resampler: str,
+        max_decoded_seconds: float | None = None,
     ) -> None:
         self.extractor = extractor
+        self.max_decoded_seconds = max_decoded_seconds
         self.resampler = resampler
         self.sample_rate = sample_rate
         self.max_seconds = max_seconds
@@ -860,6 +917,7 @@ class HFAudioPreprocessor:
                     segment=self.segment,
                     min_samples=self.min_samples,
                     resampler=self.resampler,
+                    max_decoded_seconds=self.max_decoded_seconds,
                 )
             except MediaError as exc:
                 failed.append((item, exc.reason))
@@ -917,6 +975,7 @@ class HFAudioEncoder(_HFEncoder):
         self.preprocessor = HFAudioPreprocessor(
             extractor, self.sample_rate, max_seconds, self.audio.segment, self.min_samples, self.spectrogram,
             pass_rate=self.sample_rate == native, resampler=self.audio.resampler,
+            max_decoded_seconds=self.audio.max_decoded_seconds,
         )
         probe = self._run(self.preprocessor.waves([torch.zeros(max(self.min_samples, self.sample_rate // 10))]))
         self.dim = int(probe.shape[-1])  # also validates `layer` now, not mid-run
@@ -983,7 +1042,7 @@ class _ClipPreprocessor:
                 continue
             try:
                 path: str = item.path  # type: ignore[assignment]  # checked by _require_path
-                item_clips = load_video_frames(path, v.frames, v.sampling, v.fps, v.clips)
+                item_clips = load_video_frames(path, v.frames, v.sampling, v.fps, v.clips, v.max_video_pixels)
             except MediaError as exc:
                 failed.append((item, exc.reason))
                 continue
@@ -1169,7 +1228,7 @@ def _load_plugin(
     layer: int,
     max_tokens: int | None,
     options: dict[str, Any] | None,
-    media: AudioOptions | VideoOptions | None = None,
+    media: MediaOptions | None = None,
 ) -> FrozenEncoder:
     target = _plugin_target(spec)
     assert target is not None
@@ -1198,6 +1257,7 @@ def load_encoder(
     audio: AudioOptions | None = None,
     video: VideoOptions | None = None,
     frame_pool: str = "mean",
+    image: ImageOptions | None = None,
 ) -> FrozenEncoder:
     """Load a frozen encoder from a plugin spec, a local ``save_pretrained`` dir or a hub id; move it to device.
 
@@ -1206,7 +1266,7 @@ def load_encoder(
     """
     _check_modality(modality)
     _check_frame_pool(frame_pool)
-    media = _media_options(modality, audio, video)
+    media = _media_options(modality, audio, video, image)
     if _plugin_target(spec) is None:
         require_model_files(spec)  # a hub id neither cached nor reachable fails here, in one line
     if modality == "video" and _frame_mode(spec):
@@ -1230,5 +1290,5 @@ def load_encoder(
         elif modality == "video":
             encoder = HFVideoEncoder(spec, layer=layer, video=media)  # type: ignore[arg-type]
         else:
-            encoder = HFImageEncoder(spec, layer=layer)
+            encoder = HFImageEncoder(spec, layer=layer, image=media)  # type: ignore[arg-type]
     return encoder.to(device)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Item", "ManifestError", "manifest_sha256", "read_manifest", "write_manifest", "MAX_REPORTED"]
+__all__ = ["Item", "ManifestError", "MAX_REPORTED", "escape_surrogates", "manifest_sha256", "read_manifest",
+           "unicode_problem", "write_manifest"]
 
 MAX_REPORTED = 20
 
@@ -88,6 +89,21 @@ def _as_id(value: Any) -> str | None:
     return None
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate, which a JSON ``\\udcff`` escape can carry), or
+    None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    return None
+
+
+def escape_surrogates(text: str | None) -> str | None:
+    """``text`` with every lone surrogate written as a ``\\udcff`` escape, so that it can be stored as UTF-8."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _parse_line(obj: Any, base: str) -> tuple[dict[str, Any] | None, list[str]]:
     """Validate one decoded JSON value; return the Item fields (without line) or the reasons it is invalid."""
     if not isinstance(obj, dict):
@@ -127,6 +143,11 @@ def _parse_line(obj: Any, base: str) -> tuple[dict[str, Any] | None, list[str]]:
         ref = _as_id(ref)
         if ref is None:
             reasons.append(f"'ref' must be a string or an integer, got {type(obj['ref']).__name__}")
+    for key, value in (("id", item_id), ("ref", ref), ("label", label), ("path", obj.get("path"))):
+        # JSON may escape a lone surrogate (\\udcff) that no UTF-8 file can hold: the item table could not be written.
+        # Text is checked per item at encoding time instead, so one caption does not stop a dataset.
+        if isinstance(value, str) and (problem := unicode_problem(value)):
+            reasons.append(f"{key!r} is not valid Unicode ({problem})")
     if reasons:
         return None, reasons
     return {"id": item_id, "path": path, "text": text, "label": label, "ref": ref}, []
@@ -189,7 +210,10 @@ def write_manifest(path: str | os.PathLike[str], records: Iterable[Item | Mappin
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for record in records:
-                f.write(json.dumps(_record(record), ensure_ascii=False) + "\n")
+                line = json.dumps(_record(record), ensure_ascii=False)
+                if unicode_problem(line):  # a lone surrogate: JSON's escape carries it, UTF-8 cannot
+                    line = json.dumps(_record(record))
+                f.write(line + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

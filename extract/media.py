@@ -12,9 +12,11 @@ Every unusable file raises :class:`MediaError` with a short reason, which ends u
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +28,10 @@ __all__ = [
     "AUDIO_DECODER_VERSION",
     "VIDEO_DECODER_VERSION",
     "AudioOptions",
+    "DEFAULT_MAX_DECODED_SECONDS",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_VIDEO_PIXELS",
+    "ImageOptions",
     "MediaError",
     "RESAMPLERS",
     "VideoOptions",
@@ -45,6 +51,11 @@ SEGMENT_POLICIES = ("drop", "split")
 SAMPLINGS = ("uniform", "fps")
 # torchaudio's windowed-sinc resampler, or FFmpeg's libswresample through PyAV (no torchaudio needed).
 RESAMPLERS = ("torchaudio", "swr")
+# Default bounds on what one decoded item may hold in memory, so a small hostile file (a 97 KB PNG declaring
+# 20000 x 20000 pixels, a 10-hour audio file) cannot take gigabytes; each can be raised (docs/media.md).
+DEFAULT_MAX_PIXELS = 50_000_000  # one image: 150 MB as 8-bit RGB (a 50-megapixel photo)
+DEFAULT_MAX_VIDEO_PIXELS = 150_000_000  # every sampled frame of one video together: 16 frames of 4K
+DEFAULT_MAX_DECODED_SECONDS = 3600.0  # audio decoded at once: one hour (about 700 MB at 48 kHz)
 
 
 class MediaError(Exception):
@@ -108,15 +119,32 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+@contextlib.contextmanager
+def _pixel_bound_replaces_pil_bomb_check() -> Iterator[None]:
+    """Pillow's own decompression-bomb check (a fixed global) is off while our bound, which a user can raise,
+    is checked from the header instead."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB with its EXIF orientation applied; raise :class:`MediaError` on failure.
 
     CMYK, palette (with transparency), LA/RGBA (alpha composited on white) and 16-bit grayscale are
-    converted properly. Multi-frame files (GIF, TIFF) give their first frame.
+    converted properly. Multi-frame files (GIF, TIFF) give their first frame. An image of more than
+    ``max_pixels`` pixels (read from its header, before any decoding; None: no bound) is refused.
     """
     path = _check_file(path)
     try:
-        with Image.open(path) as im:
+        with _pixel_bound_replaces_pil_bomb_check(), Image.open(path) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise MediaError(f"image too large: {width}x{height} = {width * height:,} pixels, over the bound of "
+                                 f"{max_pixels:,} (raise it with --max-pixels)")
             im.load()  # decode now, inside the try: truncated data only shows up here
             im = ImageOps.exif_transpose(im) or im
             out = _to_rgb(im)
@@ -140,6 +168,25 @@ def _positive(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be a positive number, not {value!r}")
 
 
+def _positive_int(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image items are decoded; part of a store's cache identity. ``max_pixels``: the largest image (width x
+    height) decoded; a larger one is an error record (None: no bound)."""
+
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        _positive_int("max_pixels", self.max_pixels)
+
+    def identity(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class AudioOptions:
     """How audio items are decoded and cut; part of a store's cache identity.
@@ -156,6 +203,7 @@ class AudioOptions:
     max_seconds: float | None = None
     segment: str = "drop"
     resampler: str | None = None
+    max_decoded_seconds: float | None = DEFAULT_MAX_DECODED_SECONDS
 
     def __post_init__(self) -> None:
         rate: Any = self.sample_rate
@@ -165,6 +213,7 @@ class AudioOptions:
             raise ValueError(f"sample_rate must be a positive integer (Hz) or 'auto', not {self.sample_rate!r}")
         object.__setattr__(self, "sample_rate", rate)
         _positive("max_seconds", self.max_seconds)
+        _positive("max_decoded_seconds", self.max_decoded_seconds)
         if self.segment not in SEGMENT_POLICIES:
             raise ValueError(f"segment must be one of {', '.join(SEGMENT_POLICIES)}, not {self.segment!r}")
         if self.segment == "split" and self.max_seconds is None:
@@ -188,6 +237,7 @@ class VideoOptions:
     sampling: str = "uniform"
     fps: float | None = None
     clips: int = 1
+    max_video_pixels: int | None = DEFAULT_MAX_VIDEO_PIXELS
 
     def __post_init__(self) -> None:
         for name in ("frames", "clips"):
@@ -197,6 +247,7 @@ class VideoOptions:
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {self.sampling!r}")
         _positive("fps", self.fps)
+        _positive_int("max_video_pixels", self.max_video_pixels)
         if self.sampling == "fps" and self.fps is None:
             raise ValueError("sampling='fps' needs fps (frames per second to sample at)")
         if self.sampling == "uniform" and self.fps is not None:
@@ -298,6 +349,7 @@ def load_audio(
     *,
     max_seconds: float | None = None,
     resampler: str | None = None,
+    max_decoded_seconds: float | None = DEFAULT_MAX_DECODED_SECONDS,
 ) -> torch.Tensor:
     """Decode the first audio stream of any file PyAV reads to mono float32 ``[samples]`` at ``sample_rate``.
 
@@ -326,6 +378,13 @@ def load_audio(
             raise MediaError("audio stream has no sample rate")
         # Decode a little past the limit so the resampling filter sees real samples at the cut, not an edge.
         limit = None if max_seconds is None else math.ceil(max_seconds * native) + native // 100
+        # What may be held in memory at once: more than that is refused, by the declared duration before decoding,
+        # and while decoding (a declared duration may lie).
+        bound = None if max_decoded_seconds is None else math.ceil(max_decoded_seconds * native)
+        if bound is not None and (limit is None or limit > bound):
+            declared_s = _declared_seconds(stream)
+            if declared_s is not None and declared_s * native > bound:
+                raise MediaError(_too_long(declared_s, max_decoded_seconds))
         # Planar float32 at the stream's own layout and rate: downmix and resampling are done below.
         converter = av.AudioResampler(format="fltp")
 
@@ -341,6 +400,8 @@ def load_audio(
                 take(converter.resample(frame))
                 if limit is not None and n >= limit:
                     break
+                if bound is not None and n > bound:
+                    raise MediaError(_too_long(None, max_decoded_seconds))
             else:
                 take(converter.resample(None))  # flush
         except av.error.FFmpegError as exc:
@@ -364,6 +425,12 @@ def load_audio(
     return tensor.contiguous()
 
 
+def _too_long(seconds: float | None, bound: float | None) -> str:
+    length = "longer than" if seconds is None else f"{seconds:.0f} s long, over"
+    return (f"audio {length} the decoding bound of {bound:g} s (raise it with --max-decoded-seconds, or keep only the "
+            "start with --max-seconds and --segment drop)")
+
+
 def load_audio_parts(
     path: str | os.PathLike[str],
     sample_rate: int,
@@ -372,6 +439,7 @@ def load_audio_parts(
     segment: str = "drop",
     min_samples: int = 1,
     resampler: str | None = None,
+    max_decoded_seconds: float | None = DEFAULT_MAX_DECODED_SECONDS,
 ) -> list[torch.Tensor]:
     """:func:`load_audio` plus the long/short audio policy; one waveform per item to store.
 
@@ -380,9 +448,11 @@ def load_audio_parts(
     ``min_samples`` (the encoder's receptive field, e.g. 400 samples = 25 ms for wav2vec2) is padded with zeros
     at the end up to it, so a very short sound still gives one frame instead of failing.
     """
-    options = AudioOptions(sample_rate=sample_rate, max_seconds=max_seconds, segment=segment, resampler=resampler)
+    options = AudioOptions(sample_rate=sample_rate, max_seconds=max_seconds, segment=segment, resampler=resampler,
+                           max_decoded_seconds=max_decoded_seconds)
     wave = load_audio(
-        path, sample_rate, max_seconds=max_seconds if segment == "drop" else None, resampler=options.resampler
+        path, sample_rate, max_seconds=max_seconds if segment == "drop" else None, resampler=options.resampler,
+        max_decoded_seconds=max_decoded_seconds,
     )
     if options.segment == "split" and max_seconds is not None:
         step = max(1, round(max_seconds * sample_rate))
@@ -438,7 +508,22 @@ def _rotation(frame: Any, stream: Any) -> int:
     return int(round(degrees / 90.0)) % 4 * 90
 
 
-def _rgb(frame: Any, stream: Any) -> np.ndarray:
+def _frame_budget(options: VideoOptions) -> int | None:
+    """Pixels one sampled frame may have: the video bound shared by every frame of every clip."""
+    n = options.frames * options.clips
+    return None if options.max_video_pixels is None else max(1, options.max_video_pixels // n)
+
+
+def _check_frame_size(width: int, height: int, options: VideoOptions) -> None:
+    budget = _frame_budget(options)
+    if budget is not None and width * height > budget:
+        n = options.frames * options.clips
+        raise MediaError(f"video too large: {n} frames of {width}x{height} = {n * width * height:,} pixels, over "
+                         f"the bound of {options.max_video_pixels:,} (raise it with --max-video-pixels)")
+
+
+def _rgb(frame: Any, stream: Any, options: VideoOptions) -> np.ndarray:
+    _check_frame_size(frame.width, frame.height, options)  # the stream's header may understate it
     array = frame.to_ndarray(format="rgb24")
     turns = _rotation(frame, stream) // 90
     return np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
@@ -505,7 +590,8 @@ class _Cursor:
             return self.shown[0]
 
 
-def _seek_frames(container: Any, stream: Any, targets: list[float], step: float) -> list[np.ndarray]:
+def _seek_frames(container: Any, stream: Any, targets: list[float], step: float,
+                 options: VideoOptions) -> list[np.ndarray]:
     """RGB frames on screen at each (sorted, absolute) target time. Seeks only when a keyframe lies between the
     current position and the target (else the seek would re-decode as much as decoding forward does)."""
     keyframes = _keyframe_times(stream)
@@ -527,7 +613,7 @@ def _seek_frames(container: Any, stream: Any, targets: list[float], step: float)
             cursor.seek(target)
         frame = cursor.frame_at(target)
         if cached is None or cached[0] is not frame:
-            cached = (frame, _rgb(frame, stream))  # consecutive targets often share a frame: convert once
+            cached = (frame, _rgb(frame, stream, options))  # consecutive targets often share a frame: convert once
         out.append(cached[1])
     return out
 
@@ -560,7 +646,7 @@ def _sequential_frames(path: str, options: VideoOptions, step: float) -> list[np
         stream = container.streams.video[0]
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                arrays[i] = _rgb(frame, stream)
+                arrays[i] = _rgb(frame, stream, options)
             if i >= max(wanted):
                 break
     if len(arrays) < len(wanted):
@@ -574,6 +660,7 @@ def load_video_frames(
     sampling: str = "uniform",
     fps: float | None = None,
     clips: int = 1,
+    max_video_pixels: int | None = DEFAULT_MAX_VIDEO_PIXELS,
 ) -> list[np.ndarray]:
     """Sample ``clips`` clips of ``num_frames`` RGB frames each from the first video stream: ``[T, H, W, 3]`` uint8.
 
@@ -587,18 +674,21 @@ def load_video_frames(
     frame ``floor((j + 1/2) * N / T)``). ``"fps"``: targets ``1/fps`` s apart; one clip starts at 0, several
     start evenly spaced so the last one ends at the end. The stream's rotation (display matrix, else the legacy
     ``rotate`` tag) is applied, in multiples of 90 degrees. A video with fewer frames than ``num_frames`` gives
-    all its frames with the last one repeated. Raises :class:`MediaError` for unusable files, "no video stream"
-    and "no decodable video frame".
+    all its frames with the last one repeated. Raises :class:`MediaError` for unusable files, "no video stream",
+    "no decodable video frame", and a video whose sampled frames would hold more than ``max_video_pixels`` pixels
+    together (checked from the stream's header, then on every decoded frame; None: no bound).
     """
     import av
 
-    options = VideoOptions(frames=num_frames, sampling=sampling, fps=fps, clips=clips)
+    options = VideoOptions(frames=num_frames, sampling=sampling, fps=fps, clips=clips,
+                           max_video_pixels=max_video_pixels)
     path = _check_file(path)
     try:
         with _open_av(path) as container:
             if not container.streams.video:
                 raise MediaError("no video stream")
             stream = container.streams.video[0]
+            _check_frame_size(stream.codec_context.width or 0, stream.codec_context.height or 0, options)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             step = 1.0 / float(rate) if rate else 1.0 / 25
             duration = _video_duration(container, stream)
@@ -608,7 +698,7 @@ def load_video_frames(
                 start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
                 per_clip = _clip_times(duration, options)
                 targets = sorted({start + t for clip in per_clip for t in clip})
-                chosen = dict(zip(targets, _seek_frames(container, stream, targets, step), strict=True))
+                chosen = dict(zip(targets, _seek_frames(container, stream, targets, step, options), strict=True))
                 return [_stack([chosen[start + t] for t in clip]) for clip in per_clip]
         return _sequential_frames(path, options, step)
     except av.error.FFmpegError as exc:

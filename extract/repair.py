@@ -18,8 +18,10 @@ from extract.manifest import manifest_sha256, read_manifest, write_manifest
 from extract.run import _TORCH_DTYPES, ExtractionError, run_extraction, settings_from_identity
 
 
-def repair_store(store: str | os.PathLike[str]) -> list[int]:
-    """Repair every bad shard of ``store``; returns the shard indices rewritten."""
+def repair_store(store: str | os.PathLike[str], *, trust_plugins: bool = False) -> list[int]:
+    """Repair every bad shard of ``store``; returns the shard indices rewritten. A plugin encoder recorded in the
+    store runs only with ``trust_plugins`` (the store may come from someone else)."""
+    from extract.encoders import check_recorded_spec
     from stores import FeatureStore
     from stores.integrity import shard_entries, verify
     from stores.layout import read_meta, token_array_name
@@ -35,6 +37,7 @@ def repair_store(store: str | os.PathLike[str]) -> list[int]:
     manifest, batch_size, spec = summary.get("manifest"), summary.get("batch_size"), summary.get("encoder_spec")
     if not (manifest and batch_size and spec):
         raise ExtractionError(f"{store} does not record its manifest, batch size and encoder; it cannot be repaired")
+    check_recorded_spec(spec, f"store {store}", trust_plugins=trust_plugins)
     if not Path(manifest).is_file() or manifest_sha256(manifest) != meta.identity.get("manifest_sha256"):
         raise ExtractionError(f"the source manifest {manifest} is gone or changed since {store} was made")
     name = token_array_name(meta.layout)

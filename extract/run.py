@@ -32,7 +32,7 @@ from .encoders import (
     load_encoder,
 )
 from .manifest import Item, ManifestError, manifest_sha256, read_manifest
-from .media import AudioOptions, VideoOptions
+from .media import AudioOptions, ImageOptions, VideoOptions
 from .progress import progress_bar
 
 __all__ = ["DTYPES", "ExtractionError", "ExtractionOptionsError", "ExtractionResult", "run_extraction"]
@@ -144,17 +144,26 @@ def _media_options(
     fps: float | None,
     clips: int,
     resampler: str | None = None,
-) -> tuple[AudioOptions | None, VideoOptions | None]:
-    """The decoding options of the modality asked for (validated now, before any work); None for the others."""
+    bounds: dict[str, Any] | None = None,
+) -> tuple[AudioOptions | None, VideoOptions | None, ImageOptions | None]:
+    """The decoding options of the modality asked for (validated now, before any work); None for the others.
+    ``bounds``: the size bounds asked for (``max_pixels``, ``max_decoded_seconds``, ``max_video_pixels``); one left
+    out keeps its default."""
+    given = {k: v for k, v in (bounds or {}).items() if v is not None}
     try:
         if modality == "audio":
             rate: Any = sample_rate  # "auto", digits or an int: AudioOptions normalises it
-            return AudioOptions(sample_rate=rate, max_seconds=max_seconds, segment=segment, resampler=resampler), None
+            limit = {k: given[k] for k in ("max_decoded_seconds",) if k in given}
+            return AudioOptions(sample_rate=rate, max_seconds=max_seconds, segment=segment, resampler=resampler,
+                                **limit), None, None
         if modality == "video":
-            return None, VideoOptions(frames=frames, sampling=sampling, fps=fps, clips=clips)
+            limit = {k: given[k] for k in ("max_video_pixels",) if k in given}
+            return None, VideoOptions(frames=frames, sampling=sampling, fps=fps, clips=clips, **limit), None
+        if modality == "image":
+            return None, None, ImageOptions(**{k: given[k] for k in ("max_pixels",) if k in given})
     except ValueError as exc:
         raise ExtractionOptionsError(str(exc)) from None
-    return None, None
+    return None, None, None
 
 
 def _sources(batch: dict[str, Any]) -> int:
@@ -332,6 +341,9 @@ def run_extraction(
     clips: int = 1,
     frame_pool: str = "mean",
     resampler: str | None = None,
+    max_pixels: int | None = None,
+    max_decoded_seconds: float | None = None,
+    max_video_pixels: int | None = None,
 ) -> ExtractionResult:
     """Encode every item of ``manifest`` with a frozen encoder and write the tokens to a feature store.
 
@@ -350,14 +362,19 @@ def run_extraction(
     image encoder (per-frame mode), ``frame_pool`` ("mean" or "keep"). These options are part of the identity
     for their modality and ignored for the others; ``batch_size`` counts manifest items, so with segments or
     clips a batch holds more rows.
+
+    Size bounds (None: the default of :mod:`extract.media`): ``max_pixels`` of one image, ``max_decoded_seconds``
+    of audio decoded at once, ``max_video_pixels`` of every sampled frame of one video together. A larger item is
+    an error record with its reason; the bounds are part of the identity.
     """
     from stores import StoreWriter, identity_key, store_status
 
     started = time.perf_counter()
     manifest = os.fspath(manifest)
     _check_args(modality, dtype, keep, pool, on_error, batch_size, workers)
-    audio, video = _media_options(
-        modality, sample_rate, max_seconds, segment, frames, sampling, fps, clips, resampler
+    audio, video, image = _media_options(
+        modality, sample_rate, max_seconds, segment, frames, sampling, fps, clips, resampler,
+        {"max_pixels": max_pixels, "max_decoded_seconds": max_decoded_seconds, "max_video_pixels": max_video_pixels},
     )
     items = read_manifest(manifest)  # all validation before any model work
     _check_items_for_modality(manifest, items, modality)
@@ -365,7 +382,7 @@ def run_extraction(
     encoder: FrozenEncoder | None = None
     enc_kwargs: dict[str, Any] = {
         "layer": layer, "max_tokens": max_tokens, "options": encoder_options, "audio": audio, "video": video,
-        "frame_pool": frame_pool if modality == "video" else "mean",
+        "frame_pool": frame_pool if modality == "video" else "mean", "image": image,
     }
     try:
         enc_ident = encoder_identity(encoder_spec, modality, **enc_kwargs)
@@ -382,9 +399,9 @@ def run_extraction(
         "max_tokens": max_tokens,
         "manifest_sha256": manifest_sha256(manifest),
     }
-    media = audio or video
+    media = audio or video or image
     if media is not None:
-        identity["media"] = media.identity()  # only for audio/video: image/text identities stay as they were
+        identity["media"] = media.identity()  # decoding options and size bounds; text has none
     if keep == "pooled":
         identity["pool"] = pool
     key = identity_key(identity)

@@ -22,8 +22,12 @@ from stores import FeatureStore
 
 
 def extract_like_run(config: dict, modality: str, records: list[dict], encoder_spec: str | None, workdir: Path,
-                     device: str = "cpu") -> FeatureStore:
-    """Extract ``records`` (manifest records) like the run's ``modality`` store and return the new store."""
+                     device: str = "cpu", trust_plugins: bool = False) -> FeatureStore:
+    """Extract ``records`` (manifest records) like the run's ``modality`` store and return the new store.
+
+    Without ``encoder_spec`` the encoder the run recorded is used; a plugin recorded there runs only with
+    ``trust_plugins`` (the run directory may come from someone else)."""
+    from extract.encoders import check_recorded_spec
     from extract.manifest import write_manifest
     from extract.run import run_extraction, settings_from_identity
 
@@ -33,6 +37,8 @@ def extract_like_run(config: dict, modality: str, records: list[dict], encoder_s
     spec = encoder_spec or trained["store"].get("encoder_spec")
     if not spec:
         raise RunError(f"the run does not record which encoder built its {modality} store; pass the encoder spec")
+    if encoder_spec is None:
+        check_recorded_spec(spec, f"the run's {modality} store record", trust_plugins=trust_plugins)
     manifest = workdir / f"{modality}-inputs.jsonl"
     write_manifest(manifest, records)
     result = run_extraction(manifest, modality, spec, workdir / f"{modality}-store", device=device, progress=False,
@@ -53,17 +59,17 @@ def input_records(modality: str, inputs: Sequence[str | os.PathLike[str]]) -> li
 
 
 def encode(run_dir: Path | str, modality: str, inputs: Sequence[str], encoder_spec: str | None = None,
-           device: str = "cpu") -> tuple[list[str], np.ndarray]:
+           device: str = "cpu", trust_plugins: bool = False) -> tuple[list[str], np.ndarray]:
     """Embed raw inputs (texts for ``text``, file paths otherwise) with a trained run: ``(ids, [n, W] float32)``.
 
     Ids are the input positions as strings; an audio split into segments or a video into clips yields one row per
-    piece (``"3#seg1"``).
+    piece (``"3#seg1"``). ``trust_plugins``: see :func:`extract_like_run`.
     """
     run = RunDir(run_dir)
     model, _, config = run.load_model(device)
     records = input_records(modality, inputs)
     with tempfile.TemporaryDirectory(prefix="encode-") as tmp:
-        store = extract_like_run(config, modality, records, encoder_spec, Path(tmp), device)
+        store = extract_like_run(config, modality, records, encoder_spec, Path(tmp), device, trust_plugins)
         embeddings = embed_store(model, modality, store, device=device)
         ids = list(store.ids)
     return ids, embeddings.numpy()

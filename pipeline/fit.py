@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,6 +48,7 @@ class TrainConfig:
     warmup_epochs: int = 0  # epochs with one-hot targets before the soft targets take over
     device: str = "cpu"
     tensorboard: bool = True  # also mirror metrics.jsonl into RUN/tb/ event files
+    strict_pairs: bool = False  # refuse items whose partner is absent (e.g. failed extraction) instead of dropping them
 
 
 @dataclass
@@ -129,16 +132,33 @@ def record_selection(config: dict, stage_name: str, summary: dict) -> None:
                           "score": summary["selected_score"]}
 
 
-def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> dict:
+def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> tuple[dict, list[str]]:
+    """Validation retrieval metrics, and the ids of items whose embedding is not finite: those items (and the
+    pairs they are in) are left out of the metrics, and counted there as ``nonfinite``."""
     if len(pairs) == 0:
-        return {}
+        return {}, []
     device = stage.train.device
     relevance = pairs.relevance()  # each distinct item once; many-to-many relevance (pipeline/metrics.py)
     a = embed_store(model, stage.anchor, stage.anchor_store, relevance.anchors, device=device)
     b = embed_store(model, stage.partner, stage.partner_store, relevance.partners, device=device)
-    metrics = bidirectional_retrieval(a, b, relevance, stage.anchor, stage.partner)
+    a_ok, b_ok = torch.isfinite(a).all(1).numpy(), torch.isfinite(b).all(1).numpy()
+    bad = [stage.anchor_store.ids[int(i)] for i in relevance.anchors[~a_ok]]
+    bad += [stage.partner_store.ids[int(j)] for j in relevance.partners[~b_ok]]
+    if bad:
+        keep = a_ok[relevance.anchor_pos] & b_ok[relevance.partner_pos]
+        if not keep.any():
+            raise TrainingError(f"every validation embedding of [{stage.name}] is non-finite (e.g. {bad[:3]}); "
+                                "check the stores for non-finite values")
+        kept = Pairs(relevance.anchors[relevance.anchor_pos[keep]],
+                     relevance.partners[relevance.partner_pos[keep]]).relevance()
+        a = a[np.searchsorted(relevance.anchors, kept.anchors)]
+        b = b[np.searchsorted(relevance.partners, kept.partners)]
+        relevance = kept
+    metrics: dict = bidirectional_retrieval(a, b, relevance, stage.anchor, stage.partner)
     metrics["rsum"] = sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
-    return metrics
+    if bad:
+        metrics["nonfinite"] = len(bad)
+    return metrics, bad
 
 
 def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched: tuple, batch_len: int,
@@ -156,14 +176,35 @@ def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched:
     return loss_fn(a, b)
 
 
+def checked_pairs(anchor: FeatureStore, partner: FeatureStore, cfg: TrainConfig) -> tuple[Pairs, Pairs, Pairs]:
+    """(every pair, training pairs, validation pairs) of a stage, or the error that stops it; called before
+    anything is written to the run directory, so a refused input leaves no run behind."""
+    pairs = pair_stores(anchor, partner, absent="error" if cfg.strict_pairs else "drop")
+    train_pairs, val_pairs = split_by_anchor(pairs, cfg.val_fraction, cfg.seed)
+    if len(train_pairs.anchors) < 2:
+        raise TrainingError(f"only {len(train_pairs.anchors)} training anchors: a contrastive batch needs 2 or more")
+    return pairs, train_pairs, val_pairs
+
+
+def _report_dropped(run: RunDir, stage: Stage, pairs: Pairs) -> None:
+    """One line for the pairs left out because a partner is absent, and their list in the run directory."""
+    other = stage.partner_store if pairs.dropped_from == str(stage.anchor_store.path) else stage.anchor_store
+    failed = {e.get("source_id") or e.get("id") for e in other.errors()}
+    listed = run.record_dropped_pairs(stage.name, pairs.dropped_from or "", other.path, pairs.dropped, failed)
+    n, n_failed = len(pairs.dropped), sum(ref in failed for _, ref in pairs.dropped)
+    example = ", ".join(f"{a!r} -> {b!r}" for a, b in pairs.dropped[:3])
+    print(f"[{stage.name}] left out {n} item(s) of {pairs.dropped_from} whose partner is absent from {other.path} "
+          f"({n_failed} failed extraction), e.g. {example}; listed in {listed} (--strict-pairs refuses instead)",
+          file=sys.stderr, flush=True)
+
+
 def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: Stage, resume: bool,
               progress: bool = True) -> dict:
     """Train ``stage`` and return its closing summary. The run config must already be written."""
     cfg = stage.train
-    pairs = pair_stores(stage.anchor_store, stage.partner_store)
-    train_pairs, val_pairs = split_by_anchor(pairs, cfg.val_fraction, cfg.seed)
-    if len(train_pairs.anchors) < 2:
-        raise TrainingError(f"only {len(train_pairs.anchors)} training anchors: a contrastive batch needs 2 or more")
+    pairs, train_pairs, val_pairs = checked_pairs(stage.anchor_store, stage.partner_store, cfg)
+    if pairs.dropped and distributed.is_main():
+        _report_dropped(run, stage, pairs)
     model.to(cfg.device)
     loss_fn.to(cfg.device)
     names = set(stage.trainable)
@@ -240,12 +281,14 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
             loss_fn.clamp_temperature_()
             total += value * len(a_idx)
             count += len(a_idx)
-        val = _validate(model, stage, val_pairs) if main else {}  # only rank 0 keeps weights and writes the run
+        val, nonfinite = _validate(model, stage, val_pairs) if main else ({}, [])  # rank 0 writes the run
         record = {
             "stage": stage.name, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,
             "target_mix": loss_fn.target_mix, "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3),
             "val": val,
         }
+        if nonfinite:
+            record["val_nonfinite_ids"] = nonfinite[:20]
         score = val.get("rsum", float(epoch))  # SELECTION_RULE: without validation the last epoch is kept
         if score > best:
             best, best_epoch = score, epoch
@@ -271,6 +314,8 @@ def _epoch_line(record: dict) -> str:
     for direction, m in record["val"].items():
         if isinstance(m, dict):
             line += f"  {direction} R@1 {m['R@1']:.3f} R@5 {m['R@5']:.3f}"
+    if record["val"].get("nonfinite"):
+        line += f"  ({record['val']['nonfinite']} non-finite val items left out, e.g. {record['val_nonfinite_ids'][0]!r})"
     return line + ("  *" if record.get("saved") else "") + f"  ({record['seconds']:.1f}s)"
 
 
@@ -327,16 +372,18 @@ def fit_up(
         if store.modality != modality:
             raise TrainingError(f"store {store.path} holds {store.modality!r} features, not {modality!r}")
     train, loss = train or TrainConfig(), loss or LossConfig()
+    checked_pairs(images, texts, train)  # every input is checked before the run directory is touched
+    cls = image_tokens_start_with_cls(images.identity) if cls_token is None else bool(cls_token)
+    model_config = head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
+                               fusion=fusion, cls_token={"image": cls}).to_dict()
     run = RunDir(out, tensorboard=train.tensorboard)
     stores = {"image": store_record(images), "text": store_record(texts)}
-    cls = image_tokens_start_with_cls(images.identity) if cls_token is None else bool(cls_token)
     stage_record: dict[str, Any] = {"name": "fit-up", "anchor": "image", "partner": "text", "train": asdict(train)}
     if preset is not None:
         stage_record["preset"] = preset
     asked = {
         "head": head,
-        "model": head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
-                             fusion=fusion, cls_token={"image": cls}).to_dict(),
+        "model": model_config,
         "loss": asdict(loss),
         "modalities": {name: {"store": record, "stage": "fit-up", "status": "training"}
                        for name, record in stores.items()},
@@ -420,6 +467,7 @@ def fit_al(
     check_compatible(config, pivot, pivot_features)
     if new.modality != modality:
         raise TrainingError(f"store {new.path} holds {new.modality!r} features, not {modality!r}")
+    checked_pairs(pivot_features, new, train)  # before the config or weights are touched
     record = config["modalities"].get(modality)
     stage_name = f"fit-al:{modality}"
     if record is None:

@@ -10,6 +10,7 @@ Retrieval ranks distinct items and reads the pairs as a many-to-many relevance (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,11 +56,15 @@ class Pairs:
 
     ``group[k]`` labels the connected group of items the pair belongs to (an image and all its captions; every
     spoken and written caption of one image): the train/validation split keeps a group on one side. ``None``: each
-    anchor with its partners is a group."""
+    anchor with its partners is a group. ``dropped``: the ``(id, ref)`` of items of the store ``dropped_from`` whose
+    ``ref`` names an id absent from the other store (left out by ``pair_stores(..., absent="drop")``, e.g. because
+    that item failed extraction)."""
 
     anchor: np.ndarray
     partner: np.ndarray
     group: np.ndarray | None = None
+    dropped: tuple[tuple[str, str], ...] = ()
+    dropped_from: str | None = None
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -85,7 +90,10 @@ class Pairs:
         return Relevance(anchors, partners, unique[0].astype(np.int64), unique[1].astype(np.int64))
 
 
-def pair_stores(anchor: FeatureStore, partner: FeatureStore) -> Pairs:
+ABSENT_PARTNERS = ("error", "drop")
+
+
+def pair_stores(anchor: FeatureStore, partner: FeatureStore, absent: str = "error") -> Pairs:
     """Pairs between two stores. The first rule that matches anything wins:
 
     1. a partner's ``ref`` is an anchor id (a caption names its image);
@@ -93,12 +101,15 @@ def pair_stores(anchor: FeatureStore, partner: FeatureStore) -> Pairs:
     3. both items ``ref`` the same id (a spoken and a written caption of one image): used for transitive pairs;
     4. equal ids (e.g. a LibriSpeech utterance and its transcript).
 
-    A rule that matches some items but leaves others dangling is an error naming them: the stores were probably
-    extracted from manifests that do not belong together.
+    A rule that matches some items but leaves others dangling (their ``ref`` names an id the other store lacks, e.g.
+    an image that failed extraction): ``absent="error"`` refuses, naming them; ``"drop"`` leaves them out and lists
+    them in :attr:`Pairs.dropped`.
     """
+    if absent not in ABSENT_PARTNERS:
+        raise ValueError(f"absent must be one of {', '.join(ABSENT_PARTNERS)}, not {absent!r}")
     rules = (
-        lambda: _match(partner, anchor._index, lambda j, i: (i, j)),
-        lambda: _grouped_by_partner(_match(anchor, partner._index, lambda i, j: (i, j))),
+        lambda: _match(partner, anchor._index, lambda j, i: (i, j), absent),
+        lambda: _grouped_by_partner(_match(anchor, partner._index, lambda i, j: (i, j), absent)),
         lambda: _shared_refs(anchor, partner),
     )
     for rule in rules:
@@ -114,7 +125,7 @@ def pair_stores(anchor: FeatureStore, partner: FeatureStore) -> Pairs:
     return Pairs(np.asarray(shared), np.asarray([partner.index_of(anchor.ids[i]) for i in shared]))
 
 
-def _match(referring: FeatureStore, target_index: dict[str, int], order) -> Pairs | None:
+def _match(referring: FeatureStore, target_index: dict[str, int], order, absent: str) -> Pairs | None:
     """Pairs from ``referring``'s refs into ``target_index``; None when no ref resolves at all."""
     if referring.refs is None:
         return None
@@ -129,19 +140,20 @@ def _match(referring: FeatureStore, target_index: dict[str, int], order) -> Pair
             found.append(order(i, j))
     if not found:
         return None
-    if missing:
+    if missing and absent == "error":
         shown = ", ".join(f"{a!r} -> {b!r}" for a, b in missing[:5])
         raise PairingError(
             f"{len(missing)} items of {referring.path} refer to ids absent from the other store (e.g. {shown}); "
             "were both stores extracted from matching manifests?"
         )
     anchor_idx, partner_idx = zip(*found, strict=True)
-    return Pairs(np.asarray(anchor_idx), np.asarray(partner_idx))
+    return Pairs(np.asarray(anchor_idx), np.asarray(partner_idx), dropped=tuple(missing),
+                 dropped_from=str(referring.path) if missing else None)
 
 
 def _grouped_by_partner(pairs: Pairs | None) -> Pairs | None:
     """Anchors that name one partner form one group with it (the captions of one image, when captions anchor)."""
-    return None if pairs is None else Pairs(pairs.anchor, pairs.partner, pairs.partner)
+    return None if pairs is None else dataclasses.replace(pairs, group=pairs.partner)
 
 
 def _shared_refs(anchor: FeatureStore, partner: FeatureStore) -> Pairs | None:

@@ -5,6 +5,7 @@ RUN/
   config.json                 head name + head config, loss settings, aligned modalities and the stores they came from
   model.safetensors           weights used for evaluation (best validation epoch; last epoch without validation)
   metrics.jsonl               one JSON record per epoch (stage, loss, temperature, validation retrieval)
+  dropped-pairs.json          items left out of a stage because their partner is absent (e.g. failed extraction)
   tb/<stage>/                 the same records as TensorBoard scalars, step = epoch (``tensorboard --logdir RUN/tb``)
   checkpoints/latest          name of the newest complete checkpoint directory
   checkpoints/epoch-000N/     model.safetensors + trainer_state.pt (optimizer, RNG, epoch) for --resume
@@ -35,6 +36,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
+DROPPED_PAIRS_FILE = "dropped-pairs.json"
 TENSORBOARD_DIR = "tb"
 _tensorboard_warned = False
 
@@ -43,8 +45,18 @@ class RunError(RuntimeError):
     """The run directory is missing, inconsistent or incompatible with what was asked."""
 
 
-# Identity fields that may differ between the store a run was trained on and one it is evaluated on.
+# Identity fields that may differ between the store a run was trained on and one it is evaluated on: which items
+# (the manifest, the size bounds that leave oversized items out) and the stored dtype, not how an item is encoded.
 _DATASET_FIELDS = ("manifest_sha256", "dtype")
+_SIZE_BOUNDS = ("max_pixels", "max_decoded_seconds", "max_video_pixels")
+
+
+def _features_identity(identity: dict) -> dict:
+    """What makes two stores' features comparable: the identity without its dataset fields and size bounds."""
+    out = {k: v for k, v in identity.items() if k not in _DATASET_FIELDS}
+    media = {k: v for k, v in (identity.get("media") or {}).items() if k not in _SIZE_BOUNDS}
+    out.pop("media", None)
+    return {**out, "media": media} if media else out
 
 
 def check_compatible(config: dict, modality: str, store: FeatureStore) -> None:
@@ -53,8 +65,7 @@ def check_compatible(config: dict, modality: str, store: FeatureStore) -> None:
     if modality not in aligned:
         raise RunError(f"modality {modality!r} is not aligned in this run (aligned: {sorted(aligned)})")
     trained = aligned[modality]["store"]
-    strip = lambda identity: {k: v for k, v in identity.items() if k not in _DATASET_FIELDS}  # noqa: E731
-    differences = identity_differences(strip(trained["identity"]), strip(store.identity))
+    differences = identity_differences(_features_identity(trained["identity"]), _features_identity(store.identity))
     if differences or trained["dim"] != store.dim:
         raise RunError(
             f"store {store.path} was not made like the {modality} store the run was trained on ({trained['path']}): "
@@ -62,12 +73,25 @@ def check_compatible(config: dict, modality: str, store: FeatureStore) -> None:
         )
 
 
-def _save_weights(model: nn.Module, loss: nn.Module, path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk, so a rename never publishes unwritten bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_weights(model: nn.Module, loss: nn.Module, path: Path, *, publish: bool = True) -> None:
+    """Write the weights to ``path`` (fsynced); ``publish``: through a temporary name, renamed into place."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"loss.{k}": v.detach().cpu().contiguous() for k, v in loss.state_dict().items()})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}") if publish else path
     save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    _fsync(tmp)
+    if publish:
+        os.replace(tmp, path)
+        _fsync(path.parent)
 
 
 def _load_weights(model: nn.Module, loss: nn.Module, path: Path) -> None:
@@ -147,13 +171,50 @@ class RunDir:
 
     # ---- metrics -----------------------------------------------------------------------------------------------
     def metrics(self) -> list[dict]:
+        """Every record of ``metrics.jsonl``. A last line that does not parse was torn by a crash mid-append
+        (its epoch has no checkpoint, so a resume redoes it) and is left out; a bad line before it is an error."""
         path = self.path / METRICS_FILE
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                if number == len(lines):
+                    break
+                raise RunError(f"{path} line {number} is not a JSON record ({err}); only a torn last line is "
+                               "expected after a crash") from None
+        return records
+
+    def _drop_torn_tail(self) -> None:
+        """Make ``metrics.jsonl`` end with a complete line before appending: a record torn by a crash is cut off
+        (one that parsed whole only lacks its newline, which is added)."""
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            tail = b"\n"
+        except ValueError:
+            tail = None
+        with open(path, "r+b") as handle:
+            if tail is None:
+                handle.truncate(cut)
+            else:
+                handle.seek(0, os.SEEK_END)
+                handle.write(tail)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def append_metrics(self, record: dict) -> None:
         """Append one record to ``metrics.jsonl`` (fsynced) and write its scalars to ``tb/<stage>/``."""
+        self._drop_torn_tail()
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
@@ -215,10 +276,13 @@ class RunDir:
         tmp = self.checkpoints / f".{tag}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _save_weights(model, loss, tmp / WEIGHTS_FILE)
+        _save_weights(model, loss, tmp / WEIGHTS_FILE, publish=False)  # the folder's rename publishes it
         torch.save(state, tmp / STATE_FILE)
+        _fsync(tmp / STATE_FILE)
+        _fsync(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync(self.checkpoints)
         atomic_write_text(self.checkpoints / "latest", tag)
         for old in self.checkpoints.iterdir():
             if old.is_dir() and old.name != tag:
@@ -234,6 +298,17 @@ class RunDir:
     def load_checkpoint_weights(self, model: nn.Module, loss: nn.Module) -> None:
         folder = self.checkpoints / (self.checkpoints / "latest").read_text().strip()
         _load_weights(model, loss, folder / WEIGHTS_FILE)
+
+    def record_dropped_pairs(self, stage: str, store: str, partner_store: str, dropped, failed: set) -> Path:
+        """List in ``dropped-pairs.json`` (by stage) the items of ``store`` left out because the id their ``ref``
+        names is absent from ``partner_store``; ``failed``: the ids that failed extraction there."""
+        path = self.path / DROPPED_PAIRS_FILE
+        listed = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        listed[stage] = {"store": str(store), "partner_store": str(partner_store),
+                         "items": [{"id": item, "ref": ref, "failed_extraction": ref in failed}
+                                   for item, ref in dropped]}
+        atomic_write_text(path, json.dumps(listed, indent=2, sort_keys=True))
+        return path
 
     def write_report(self, name: str, report: dict) -> Path:
         path = self.path / "eval" / f"{name}.json"

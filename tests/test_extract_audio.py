@@ -238,6 +238,7 @@ def test_split_segments_are_items_with_derived_ids(tiny_audio_model: str, tmp_pa
     assert store.lengths.tolist() == [24, 24, 9, 14]  # 8000, 8000, 3200 and 4800 samples
     assert split.identity["media"] == {
         "sample_rate": None, "max_seconds": 0.5, "segment": "split", "resampler": default_resampler(),
+        "max_decoded_seconds": 3600.0,
     }
     assert split.identity["encoder"]["preprocess"]["sample_rate"] == 16000  # "auto": the extractor's rate
 

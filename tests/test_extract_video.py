@@ -149,7 +149,8 @@ def test_videomae_fixed_store_matches_direct_forward(
     assert store.lengths.tolist() == [32, 32, 32]  # (4 frames / tubelet 2) x (32 / 8)^2 patches
     (error,) = store.errors()
     assert error["id"] == "sound" and error["reason"] == "no video stream"
-    assert result.identity["media"] == {"frames": 4, "sampling": "uniform", "fps": None, "clips": 1}
+    assert result.identity["media"] == {"frames": 4, "sampling": "uniform", "fps": None, "clips": 1,
+                                        "max_video_pixels": 150_000_000}
 
     processor = AutoImageProcessor.from_pretrained(tiny_video_model)
     model = AutoModel.from_pretrained(tiny_video_model).eval()

@@ -22,7 +22,7 @@ from PIL import Image
 
 from extract.filehash import file_sha256
 from extract.manifest import Item
-from extract.media import MediaError, load_image
+from extract.media import DEFAULT_MAX_PIXELS, MediaError, load_image
 
 __all__ = ["MODALITIES", "EfficientNetLite0Encoder", "Lite0Preprocessor", "identity", "load"]
 
@@ -84,7 +84,9 @@ def identity(
 class Lite0Preprocessor:
     """Picklable: decode, resize shorter side, centre crop, normalise. Holds no model."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...],
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        self.max_pixels = max_pixels
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
@@ -111,7 +113,7 @@ class Lite0Preprocessor:
                 failed.append((item, "item has no 'path' (image encoder)"))
                 continue
             try:
-                arrays.append(self.pixels(load_image(item.path)))
+                arrays.append(self.pixels(load_image(item.path, self.max_pixels)))
                 good.append(item)
             except MediaError as exc:
                 failed.append((item, exc.reason))
@@ -128,7 +130,8 @@ class EfficientNetLite0Encoder:
     dim = 1280
     fixed_tokens = 49
 
-    def __init__(self, weights: str, mean: tuple[float, ...], std: tuple[float, ...], ident: dict[str, Any]) -> None:
+    def __init__(self, weights: str, mean: tuple[float, ...], std: tuple[float, ...], ident: dict[str, Any],
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         from efficientnet_lite_pytorch import EfficientNet
 
         from extract.encoders import freeze
@@ -139,7 +142,7 @@ class EfficientNetLite0Encoder:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         self.model = freeze(model)
-        self.preprocessor = Lite0Preprocessor(mean, std)
+        self.preprocessor = Lite0Preprocessor(mean, std, max_pixels)
         self._identity = ident
         self.device = torch.device("cpu")
 
@@ -168,9 +171,11 @@ def load(
     weights: str | None = None,
     mean: tuple[float, ...] = TF_MEAN,
     std: tuple[float, ...] = TF_STD,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     **_: Any,
 ) -> EfficientNetLite0Encoder:
     """Build the frozen encoder. Options: ``weights`` (a .pth state dict, default: the packaged file),
-    ``mean``/``std`` (per channel, on [0, 1] pixels; ``IMAGENET_MEAN``/``IMAGENET_STD`` for the usual ones)."""
+    ``mean``/``std`` (per channel, on [0, 1] pixels; ``IMAGENET_MEAN``/``IMAGENET_STD`` for the usual ones);
+    ``max_pixels``: the extraction's image size bound (docs/media.md)."""
     ident = identity(modality=modality, layer=layer, max_tokens=max_tokens, weights=weights, mean=mean, std=std)
-    return EfficientNetLite0Encoder(_weights_path(weights), tuple(mean), tuple(std), ident)
+    return EfficientNetLite0Encoder(_weights_path(weights), tuple(mean), tuple(std), ident, max_pixels)
