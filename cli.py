@@ -876,7 +876,7 @@ def stores_verify(store, repair) -> None:
         from extract.repair import repair_store
 
         repaired = repair_store(store)
-        click.echo(f"re-extracted {len(repaired)} shard(s): {', '.join(map(str, repaired))}")
+        click.echo(f"repaired {len(repaired)} shard(s): {'; '.join(repaired)}")
         problems = verify(store)
     for problem in problems:
         click.echo(f"BAD  {problem}")

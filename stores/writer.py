@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -273,18 +274,17 @@ class _ShardAppender:
 
 
 def record_shard(store: Location, name: str, index: int, rows: tuple[int, int], ndim: int,
-                 records: dict[str, list[dict]] | None = None, expected_sha256: str | None = None) -> dict:
-    """Make a just-written shard durable, hash it and commit it with its manifest entry (one atomic write).
-
-    With ``expected_sha256`` (a repair) a shard that hashes otherwise is deleted and :class:`StoreError` raised."""
+                 records: dict[str, list[dict]] | None = None) -> dict:
+    """Make a just-written shard durable, hash it and commit it with its manifest entry (one atomic write)."""
     path = shard_file(store, name, index, ndim)
     path.make_durable()
-    entry = {"array": name, "shard": index, "rows": [int(rows[0]), int(rows[1])], "sha256": path.sha256(),
-             "bytes": path.size(), **(records or {})}
-    if expected_sha256 is not None and entry["sha256"] != expected_sha256:
-        path.remove()
-        raise StoreError(f"re-extracted shard {index} of {store}/{name} differs from the original bytes "
-                         "(source media or encoder changed?); left it missing")
+    return _write_entry(store, name, index, rows, path.sha256(), path.size(), records)
+
+
+def _write_entry(store: Location, name: str, index: int, rows: tuple[int, int], sha256: str, size: int,
+                 records: dict[str, list[dict]] | None) -> dict:
+    entry = {"array": name, "shard": index, "rows": [int(rows[0]), int(rows[1])], "sha256": sha256,
+             "bytes": int(size), **(records or {})}
     (store / SHARD_MANIFEST_DIR / name / f"{index}.json").write_text(json.dumps(entry, ensure_ascii=False))
     return entry
 
@@ -294,17 +294,37 @@ def open_group(store: Location, mode: str = "r", **kwargs) -> zarr.Group:
     return zarr.open_group(store.zarr_store(read_only=mode == "r"), mode=mode, **kwargs)
 
 
-def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, index: int,
-                  data: np.ndarray | torch.Tensor, expected_sha256: str | None = None) -> dict:
-    """Write one whole shard again (repair) and record its manifest entry.
+def _encoded_shard(store: Location, array_name: str, array: zarr.Array, index: int, data: np.ndarray) -> bytes:
+    """The bytes zarr writes for shard ``index`` of ``array`` holding ``data``, encoded in a scratch copy of the
+    array (same metadata, no data) so that nothing in the store changes before they are checked."""
+    with tempfile.TemporaryDirectory(prefix="shard-") as scratch:
+        aside = LocalLocation(Path(scratch))
+        (aside / array_name / "zarr.json").write_bytes((store / array_name / "zarr.json").read_bytes())
+        copy = zarr.open_array(aside.path / array_name, mode="r+").with_config(_WRITE_CONFIG)
+        start = index * array.shards[0]
+        copy[start : start + len(data)] = data
+        return shard_file(aside, array_name, index, array.ndim).read_bytes()
 
-    ``data`` must be exactly the shard's rows. With ``expected_sha256`` (the hash recorded when the shard was first
-    written) the new object must hash the same, proving the repair restored the original bytes; otherwise nothing
-    is recorded and :class:`StoreError` is raised. The item and error records the old entry committed are kept.
+
+def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, index: int,
+                  data: np.ndarray | torch.Tensor, expected_sha256: str | None = None,
+                  records: dict[str, list[dict]] | None = None) -> str:
+    """Write one whole shard again (repair) and record its manifest entry; returns what was fixed: ``"shard"``
+    (its object was rewritten) or ``"entry"`` (the object was right, its manifest entry was not).
+
+    ``data`` must be exactly the shard's rows. The new object is encoded aside and checked before anything in the
+    store changes, then replaces the old one in one atomic write: no bytes are removed before their replacement
+    is known good. With ``expected_sha256`` (the hash recorded when the shard was first written) the new bytes
+    must hash the same, proving the repair restores the original bytes. When they do not, but they equal the
+    object already in the store, the recorded entry is what got corrupted and only the entry is rewritten;
+    otherwise :class:`StoreError` is raised and nothing is changed. The item and error records the old entry
+    committed are kept (``records`` gives them when the entry itself is lost).
     """
+    import hashlib
+
     store = Location.of(store)
     meta = read_meta(store)
-    array = open_group(store, mode="r+")[array_name].with_config(_WRITE_CONFIG)
+    array = open_group(store)[array_name]
     shard_rows = array.shards[0]
     start, end = index * shard_rows, min(array.shape[0], (index + 1) * shard_rows)
     if isinstance(data, torch.Tensor):
@@ -313,12 +333,29 @@ def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, ind
             tensor = tensor.view(torch.uint16)
         data = tensor.numpy()
     if data.shape != (end - start, *array.shape[1:]):
-        raise StoreError(f"shard {index} of {store}/{array_name} holds rows {start}-{end - 1}; got {data.shape}")
+        raise StoreError(f"shard {index} of {store}/{array_name} holds rows {start}-{end - 1} of shape "
+                         f"{tuple(array.shape[1:])}; got {data.shape}")
+    data = np.ascontiguousarray(data, dtype=array.dtype)
     old = shard_entries(store, array_name).get(index, {})
-    records = {kind: old[kind] for kind in ("items", "errors") if kind in old}
-    shard_file(store, array_name, index, array.ndim).remove()  # zarr would read a corrupt one back first
-    array[start:end] = data
-    return record_shard(store, array_name, index, (start, end), array.ndim, records, expected_sha256)
+    kept = {kind: old[kind] for kind in ("items", "errors") if kind in old} if old else (records or {})
+    new = _encoded_shard(store, array_name, array, index, data)
+    digest = hashlib.sha256(new).hexdigest()
+    path = shard_file(store, array_name, index, array.ndim)
+    fixed = "shard"
+    if expected_sha256 is not None and digest != expected_sha256:
+        try:
+            on_disk = path.sha256()
+        except (FileNotFoundError, IsADirectoryError):
+            on_disk = None
+        if on_disk != digest:
+            raise StoreError(f"re-extracted shard {index} of {store}/{array_name} differs from the bytes recorded "
+                             "when it was written and from the bytes stored now (source media or encoder "
+                             "changed?); nothing was changed")
+        fixed = "entry"  # re-extraction reproduces the stored object: the recorded hash is what went wrong
+    else:
+        path.write_bytes(new)
+    _write_entry(store, array_name, index, (start, end), digest, len(new), kept)
+    return fixed
 
 
 class StoreWriter:
