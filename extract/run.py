@@ -455,6 +455,15 @@ def run_extraction(
             raise ExtractionError(
                 f"no item of {manifest} could be encoded ({n_failed} failed), e.g. {'; '.join(first_failures)}"
             )
+        bar.close()
+        summary = writer.finish(
+            extra={
+                "encoder_spec": recorded_spec(encoder_spec),
+                "device": device,
+                "batch_size": batch_size,
+                "software": _software(),
+            }
+        )
     except BaseException as error:
         writer.abort()  # finished shards stay on disk; the store is not marked complete
         if _is_disk_full(error):
@@ -464,15 +473,6 @@ def run_extraction(
         raise
     finally:
         bar.close()
-
-    summary = writer.finish(
-        extra={
-            "encoder_spec": recorded_spec(encoder_spec),
-            "device": device,
-            "batch_size": batch_size,
-            "software": _software(),
-        }
-    )
     seconds = time.perf_counter() - started
     result = ExtractionResult(
         "written", store_path, int(summary["items"]), int(summary["failed"]), int(summary["tokens"]),

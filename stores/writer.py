@@ -352,9 +352,12 @@ def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, ind
                              "when it was written and from the bytes stored now (source media or encoder "
                              "changed?); nothing was changed")
         fixed = "entry"  # re-extraction reproduces the stored object: the recorded hash is what went wrong
-    else:
-        path.write_bytes(new)
-    _write_entry(store, array_name, index, (start, end), digest, len(new), kept)
+    try:
+        if fixed == "shard":
+            path.write_bytes(new)
+        _write_entry(store, array_name, index, (start, end), digest, len(new), kept)
+    except OSError as error:  # a read-only or full disk: the old object is still in place
+        raise StoreError(f"cannot write shard {index} of {store}/{array_name}: {error.strerror or error}") from None
     return fixed
 
 
@@ -460,7 +463,7 @@ class StoreWriter:
         path = Location.of(path)
         if read_meta(path) is None:
             raise StoreError(f"{path} is not a feature store")
-        lock.acquire(path)
+        _take_lock(path, "write the store")
         try:
             meta = read_meta(path)  # again under the lock: another writer may have finished it meanwhile
             if meta is None or meta.complete:
@@ -507,7 +510,7 @@ class StoreWriter:
         when the parts are assembled, are cleared and will be written again.
         """
         path = Location.of(path)
-        lock.acquire(path)
+        _take_lock(path, "write the store")
         try:
             meta = read_meta(path)  # under the lock: another writer may have finished it meanwhile
             if meta is None or meta.complete or "distributed" not in (meta.summary or {}):
@@ -620,6 +623,13 @@ class StoreWriter:
         if self._finished:
             raise StoreError(f"{self.path}: finish called twice")
         try:
+            return self._finish(extra)
+        except BaseException:
+            self.abort()  # a finish that fails (a full disk, ...) releases the lock; the store stays incomplete
+            raise
+
+    def _finish(self, extra: dict | None) -> dict:
+        try:
             self._tokens.close()
             tail = self._records.take_all()  # error records after the last item
             if tail["items"]:
@@ -681,12 +691,13 @@ class StoreWriter:
             lock.release(self.path)
 
 
-def _take_lock(path: Location) -> None:
-    """The writer lock of a store about to be created; a place that cannot be written is one clear error."""
+def _take_lock(path: Location, doing: str = "create a store") -> None:
+    """The store's writer lock; a place that cannot be written (missing, read-only, no permission) is one clear
+    error."""
     try:
         lock.acquire(path)
-    except (FileNotFoundError, PermissionError, NotADirectoryError) as error:
-        raise StoreError(f"cannot create a store at {path}: {error}") from None
+    except OSError as error:
+        raise StoreError(f"cannot {doing} at {path}: {error.strerror or error}") from None
 
 
 def _item_rows(meta: StoreMeta, item: dict) -> int:

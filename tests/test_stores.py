@@ -359,3 +359,24 @@ def test_manifest_entries_commit_what_the_commit_plan_of_the_whole_tables_says(t
     plan, tail = commit_plan(items, errors, [it["length"] for it in items], ends)
     assert [{k: entries[i].get(k, []) for k in ("items", "errors")} for i in sorted(entries)] == plan
     assert errors == [e for p in plan for e in p["errors"]] + tail
+
+
+def test_stores_ls_lists_each_store_once_through_symlink_loops(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "root"
+    write_store(root / "a" / "s", "pooled", "float16", [torch.randn(6) for _ in range(3)])
+    (root / "a" / "b").mkdir()
+    (root / "a" / "b" / "up").symlink_to("..")  # a loop through the parent
+    (root / "a" / "b" / "top").symlink_to(root)  # a loop to the root, absolute
+    (root / "a" / "self").symlink_to(".")
+    (root / "loop").symlink_to("loop")  # a link to itself: reading through it fails with ELOOP
+    (root / "a" / "s" / "back").symlink_to("..")  # inside a store
+    (root / "again").symlink_to(root / "a")
+    done = subprocess.run([sys.executable, "cli.py", "stores", "ls", str(root)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)  # the old walk never ended
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.splitlines()[1:]
+    assert len(listed) == 1 and listed[0].startswith(str(root / "a" / "s")), done.stdout
