@@ -316,6 +316,7 @@ def run_extraction(
     workers: int = 0,
     overwrite: bool = False,
     shard_mb: float = 64,
+    commit_seconds: float | None = 60,
     on_error: str = "skip",
     progress: bool = True,
     encoder_options: dict[str, Any] | None = None,
@@ -335,7 +336,9 @@ def run_extraction(
     ``StoreMismatchError`` unless ``overwrite``. ``keep="pooled"`` stores one vector per item (``pool``: masked
     "mean" or "cls" = token 0). ``on_error="skip"`` records failed items in the store; ``"fail"`` raises
     :class:`ExtractionError` at the first one. ``encoder_options`` are extra keyword arguments for plugins.
-    ``progress`` enables the progress bar (only on a TTY) and the summary lines on stderr.
+    ``progress`` enables the progress bar (only on a TTY) and the summary lines on stderr. ``commit_seconds``: what
+    was encoded since the last whole shard is made durable at least this often (None: whole shards only), so a
+    killed run resumes from there; the finished store does not depend on it.
 
     Audio (``docs/media.md``): ``sample_rate`` (None/"auto" = the encoder's), ``max_seconds`` and ``segment``
     ("drop" the tail, or "split" into ``"{id}#seg{k}"`` items). Video: ``frames`` per clip, ``sampling``
@@ -426,7 +429,8 @@ def run_extraction(
     store_dtype = DTYPES[dtype]
     if status == "incomplete":
         restart_line = items[start_index].line if start_index < len(items) else None
-        writer = StoreWriter.reopen(store_path, restart_line=restart_line, shard_mb=shard_mb)
+        writer = StoreWriter.reopen(store_path, restart_line=restart_line, shard_mb=shard_mb,
+                                    commit_seconds=commit_seconds)
     else:
         writer = StoreWriter.create(
             store_path,
@@ -440,6 +444,7 @@ def run_extraction(
             overwrite=status == "mismatch",
             extraction={"expected_items": len(items), "batch_size": batch_size,
                         "manifest": os.path.abspath(manifest)},
+            commit_seconds=commit_seconds,
         )
 
     bar = tqdm(
