@@ -65,9 +65,6 @@ class _TensorStoreRows:
         rows = self._result(self._array.oindex[unique].read(), f"{len(unique)} rows")
         return rows[inverse.reshape(-1)]
 
-    def all(self) -> np.ndarray:
-        return self._result(self._array.read(), "whole array")
-
 
 def _check_shards(path: Location, group: zarr.Group, name: str) -> None:
     """Refuse a store whose shard objects are missing or not the size their manifest entries record: zarr would
@@ -220,7 +217,9 @@ class FeatureStore:
     def load_into_memory(self) -> None:
         """Read the whole token array into a CPU tensor (storage dtype) once."""
         if self._memory is None:
-            whole = self._fast.all() if self._fast else self._array[...]
+            # the rows of the listed items only: an unfinished store's array may extend over shards never written
+            rows = int(self._offsets[-1]) if self.layout == "ragged" else len(self.ids)
+            whole = self._fast.read(np.array([0]), np.array([rows])) if self._fast else self._array[:rows]
             self._memory_np = np.ascontiguousarray(whole)
             self._memory = self._as_tensor(self._memory_np)
 
