@@ -6,7 +6,8 @@ is made durable and hashed, and a manifest entry ``_shards/<array>/<index>.json`
 temp file, fsync, rename; on an object store: one PUT). The entry also carries the item records (and the error
 records before them) that this shard completes, so rows and records are committed together by one atomic write and
 an object store never needs an append. ``items.jsonl`` and ``errors.jsonl`` are written whole by
-:meth:`StoreWriter.finish`, which alone marks a store ``complete``.
+:meth:`StoreWriter.finish`, which alone marks a store ``complete``. Between whole shards, what was appended is made
+durable every ``commit_seconds`` as a staging part (``_staging/``), so a killed writer loses minutes, not a shard.
 """
 
 from __future__ import annotations
