@@ -119,6 +119,9 @@ def main(quiet: bool, verbose: int) -> None:
 @click.option("--workers", default="auto", show_default=True,
               help="DataLoader worker processes that decode and preprocess; auto = half the cores, at most 8")
 @click.option("--shard-mb", default=64.0, show_default=True, help="target shard size")
+@click.option("--commit-seconds", default=60.0, show_default=True,
+              help="make what was encoded since the last shard durable at least this often (a killed run resumes "
+                   "from there)")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace a store that was made differently")
 @click.option("--sample-rate", default="auto", show_default=True,
@@ -143,9 +146,9 @@ def main(quiet: bool, verbose: int) -> None:
               help="video: pixels of every sampled frame of one video together (default 150,000,000)")
 @friendly_errors
 def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, id_column, inputs_dir, store,
-            batch_size, device, dtype, keep, pool, layer, max_tokens, workers, shard_mb, on_error, overwrite,
-            sample_rate, max_seconds, segment, frames, sampling, fps, clips, frame_pool, resampler, max_pixels,
-            max_decoded_seconds, max_video_pixels) -> None:
+            batch_size, device, dtype, keep, pool, layer, max_tokens, workers, shard_mb, commit_seconds, on_error,
+            overwrite, sample_rate, max_seconds, segment, frames, sampling, fps, clips, frame_pool, resampler,
+            max_pixels, max_decoded_seconds, max_video_pixels) -> None:
     """Run a frozen encoder over a manifest (or --inputs) once and cache its tokens in a sharded Zarr v3 store."""
     from extract.run import default_workers, run_extraction
     from pipeline.distributed import session
@@ -168,10 +171,10 @@ def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, 
     with session(device, backend="gloo", timeout_minutes=7 * 24 * 60) as device:
         run_extraction(manifest, modality, encoder_spec, store, batch_size=batch_size, device=device, dtype=dtype,
                        keep=keep, pool=pool, layer=layer, max_tokens=max_tokens, workers=int(workers),
-                       overwrite=overwrite, shard_mb=shard_mb, on_error=on_error, progress=True,
-                       sample_rate=sample_rate, max_seconds=max_seconds, segment=segment, frames=frames,
-                       sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool, resampler=resampler,
-                       max_pixels=max_pixels, max_decoded_seconds=max_decoded_seconds,
+                       overwrite=overwrite, shard_mb=shard_mb, commit_seconds=commit_seconds, on_error=on_error,
+                       progress=True, sample_rate=sample_rate, max_seconds=max_seconds, segment=segment,
+                       frames=frames, sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool,
+                       resampler=resampler, max_pixels=max_pixels, max_decoded_seconds=max_decoded_seconds,
                        max_video_pixels=max_video_pixels)
 
 
@@ -1141,7 +1144,7 @@ def stores_verify(store, repair, trust_plugins, as_json) -> None:
 
         repaired = repair_store(store, trust_plugins=trust_plugins)
         if not as_json:
-            click.echo(f"re-extracted {len(repaired)} shard(s): {', '.join(map(str, repaired))}")
+            click.echo(f"repaired {len(repaired)} shard(s): {'; '.join(repaired)}")
         problems = verify(store)
     if as_json:
         click.echo(json.dumps({"store": str(store), "ok": not problems,
@@ -1206,7 +1209,9 @@ def stores_import(file, store, modality, dtype, shard_mb, overwrite) -> None:
     summary = import_hdf5(file, store, modality=modality, dtype=dtype, overwrite=overwrite, shard_mb=shard_mb,
                           progress=True)
     done = "already imported" if summary.get("skipped") else "imported"
-    click.echo(f"{summary['items']} items {done} into {store}")
+    failed = int(summary.get("failed") or 0)
+    left_out = f"; {failed} left out (see 'stores errors')" if failed and not summary.get("skipped") else ""
+    click.echo(f"{summary['items']} items {done} into {store}{left_out}")
 
 
 # ---- demo --------------------------------------------------------------------------------------------------------

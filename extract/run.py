@@ -329,6 +329,7 @@ def run_extraction(
     workers: int = 0,
     overwrite: bool = False,
     shard_mb: float = 64,
+    commit_seconds: float | None = 60,
     on_error: str = "skip",
     progress: bool = True,
     encoder_options: dict[str, Any] | None = None,
@@ -354,6 +355,8 @@ def run_extraction(
     :class:`ExtractionError` at the first one. ``encoder_options`` are extra keyword arguments for plugins.
     ``progress`` enables the progress (a bar on a terminal, else a line at a steady interval) and the summary
     lines, all through :mod:`logging` (logger ``extract.run``, ``extract.progress``; see :mod:`extract.progress`).
+    ``commit_seconds``: what was encoded since the last whole shard is made durable at least this often (None:
+    whole shards only), so a killed run resumes from there; the finished store does not depend on it.
 
     Audio (``docs/media.md``): ``sample_rate`` (None/"auto" = the encoder's), ``max_seconds``, ``segment``
     ("drop" the tail, or "split" into ``"{id}#seg{k}"`` items) and ``resampler`` (None/"auto": torchaudio when
@@ -452,7 +455,8 @@ def run_extraction(
     store_dtype = DTYPES[dtype]
     if status == "incomplete":
         restart_line = items[start_index].line if start_index < len(items) else None
-        writer = StoreWriter.reopen(store_path, restart_line=restart_line, shard_mb=shard_mb)
+        writer = StoreWriter.reopen(store_path, restart_line=restart_line, shard_mb=shard_mb,
+                                    commit_seconds=commit_seconds)
     else:
         writer = StoreWriter.create(
             store_path,
@@ -466,6 +470,7 @@ def run_extraction(
             overwrite=status == "mismatch",
             extraction={"expected_items": len(items), "batch_size": batch_size,
                         "manifest": os.path.abspath(manifest)},
+            commit_seconds=commit_seconds,
         )
 
     bar = progress_bar(total=len(items), initial=start_index, unit="item", desc=f"extract {modality}",
@@ -479,6 +484,15 @@ def run_extraction(
             raise ExtractionError(
                 f"no item of {manifest} could be encoded ({n_failed} failed), e.g. {'; '.join(first_failures)}"
             )
+        bar.close()
+        summary = writer.finish(
+            extra={
+                "encoder_spec": recorded_spec(encoder_spec),
+                "device": device,
+                "batch_size": batch_size,
+                "software": _software(),
+            }
+        )
     except BaseException as error:
         writer.abort()  # finished shards stay on disk; the store is not marked complete
         if _is_disk_full(error):
@@ -488,15 +502,6 @@ def run_extraction(
         raise
     finally:
         bar.close()
-
-    summary = writer.finish(
-        extra={
-            "encoder_spec": recorded_spec(encoder_spec),
-            "device": device,
-            "batch_size": batch_size,
-            "software": _software(),
-        }
-    )
     seconds = time.perf_counter() - started
     result = ExtractionResult(
         "written", store_path, int(summary["items"]), int(summary["failed"]), int(summary["tokens"]),

@@ -42,13 +42,28 @@ def describe(path: Location | str | os.PathLike[str]) -> dict:
 
 
 def find_stores(root: Location | str | os.PathLike[str]) -> list[Location]:
-    """Feature stores at or below ``root`` (a store's own sub-arrays are not searched)."""
-    root = Location.of(root)
-    if read_meta(root) is not None:
-        return [root]
+    """Feature stores at or below ``root`` (a store's own sub-arrays are not searched). Each folder is visited once,
+    however many symbolic links lead to it, so links that loop end the walk instead of recursing forever."""
     found: list[Location] = []
-    for child in root.child_folders():
-        found.extend(find_stores(child))
+    seen: set[str] = set()
+    pending = [Location.of(root)]
+    while pending:
+        folder = pending.pop()
+        key = folder.url if folder.remote else os.path.realpath(folder.url)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            meta = read_meta(folder)
+        except (OSError, ValueError):  # unreadable, or a link that loops: not a store we can list
+            continue
+        if meta is not None:
+            found.append(folder)
+            continue
+        try:
+            pending.extend(reversed(folder.child_folders()))
+        except OSError:
+            continue
     return found
 
 

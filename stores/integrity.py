@@ -92,19 +92,29 @@ def verify(store: Location | str | os.PathLike[str]) -> list[ShardProblem]:
         if name not in group:
             problems.append(ShardProblem(name, -1, None, "array is missing"))
             continue
-        array = group[name]
-        shard_rows = array.shards[0]
-        total = array.shape[0]
-        entries = shard_entries(store, name)
-        for index in range(-(-total // shard_rows)):
-            expected = (index * shard_rows, min(total, (index + 1) * shard_rows))
-            entry = entries.get(index)
+        problems.extend(array_problems(store, name, group[name]))
+    return problems
+
+
+def array_problems(store: Location, name: str, array, full_hash: bool = True) -> list[ShardProblem]:
+    """Each shard of ``array`` (the zarr array ``name`` of ``store``) that does not match its manifest entry.
+    ``full_hash=False`` checks presence and sizes only (what opening a store for reading can afford)."""
+    shard_rows = array.shards[0]
+    total = array.shape[0]
+    entries = shard_entries(store, name)
+    problems = []
+    for index in range(-(-total // shard_rows)):
+        expected = (index * shard_rows, min(total, (index + 1) * shard_rows))
+        entry = entries.get(index)
+        try:
             if entry is None:
                 reason = "no manifest entry (never finished writing)"
             elif tuple(entry["rows"]) != expected:
                 reason = f"manifest entry covers rows {entry['rows']}, the array expects {list(expected)}"
             else:
-                reason = check_shard(store, name, entry, array.ndim)
-            if reason:
-                problems.append(ShardProblem(name, index, expected, reason))
+                reason = check_shard(store, name, entry, array.ndim, full_hash)
+        except (KeyError, TypeError, ValueError):
+            reason = "manifest entry is unreadable (a field is missing or of the wrong kind)"
+        if reason:
+            problems.append(ShardProblem(name, index, expected, reason))
     return problems

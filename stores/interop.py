@@ -250,12 +250,37 @@ def _read_column(handle: Any, name: str, n: int, file: Path) -> list[Any] | None
     return values
 
 
+# deflate, the strongest HDF5 filter in common use, packs at most about 1032:1; a dataset declaring more bytes than
+# that per stored byte holds mostly data that is not in the file
+_MAX_PACKING = 1100
+
+
+def _check_stored(handle: Any, file: Path) -> None:
+    """Refuse a file whose datasets declare more data than it holds (a tiny file declaring a huge shape would
+    otherwise be read as gigabytes of fill values); checked before anything is read."""
+    file_size = file.stat().st_size
+    for name in ("features", "ids", "lengths", "offsets", "labels", "refs", "source_ids"):
+        dataset = handle.get(name)
+        if dataset is None or not hasattr(dataset, "shape"):
+            continue
+        declared = int(dataset.size) * dataset.id.get_type().get_size()
+        stored = int(dataset.id.get_storage_size())
+        packed = dataset.id.get_create_plist().get_nfilters() > 0
+        if stored > file_size:
+            raise StoreError(f"{file}: '{name}' says it stores {stored} bytes but the file has {file_size} "
+                             "(truncated?)")
+        if (not packed and stored < declared) or declared > _MAX_PACKING * max(stored, 1):
+            raise StoreError(f"{file}: '{name}' declares shape {tuple(dataset.shape)} ({declared} bytes) but the file "
+                             f"holds {stored} bytes of it; refusing a file that does not contain its data")
+
+
 def _plan(handle: Any, file: Path) -> dict[str, Any]:
     """Layout, sizes and per-item columns of an HDF5 file, checked; errors name the file and the dataset."""
     for required in ("features", "ids"):
         if required not in handle or not hasattr(handle[required], "shape"):
             raise StoreError(f"{file}: no '{required}' dataset (an importable file needs 'features' of shape (N, D), "
                              f"(N, L, D) or flat (T, D) with 'offsets', and 'ids' (N,)); found: {_dataset_names(handle)}")
+    _check_stored(handle, file)
     features = handle["features"]
     try:
         ids = _decode_strings(handle["ids"][()].reshape(-1))
@@ -377,13 +402,24 @@ def import_hdf5(file: Path | str, store: Location | str | os.PathLike[str], *, m
             extraction={"imported_from": str(file.resolve()), "source_key": _attr(handle, "key")},
         )
         with writer, _bar(len(plan["ids"]), "item", "import", progress) as bar:
-            _copy_items(features, plan, writer, bar)
+            _copy_items(features, plan, writer, bar, store_dtype)
             summary = writer.finish()
     return {**summary, "store": str(store)}
 
 
-def _copy_items(features: Any, plan: dict[str, Any], writer: StoreWriter, bar: tqdm) -> None:
-    """Feed ``features`` to the writer in batches of whole items, with each item's metadata."""
+def _finite_items(rows: np.ndarray, dtype: str, lengths: torch.Tensor | None) -> np.ndarray:
+    """Bool per item: every real value is finite once cast to the store's ``dtype`` (float16 overflows past
+    65504), as extraction requires; padding does not count."""
+    values = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(getattr(torch, dtype))
+    ok = torch.isfinite(values)
+    if lengths is not None and ok.dim() == 3:
+        ok |= (torch.arange(ok.shape[1])[None, :] >= lengths[:, None])[..., None]
+    return ok.flatten(1).all(1).numpy()
+
+
+def _copy_items(features: Any, plan: dict[str, Any], writer: StoreWriter, bar: tqdm, dtype: str) -> None:
+    """Feed ``features`` to the writer in batches of whole items, with each item's metadata. An item with a
+    non-finite value (in the store's ``dtype``) is left out and recorded in the error table with the reason."""
     ids, lengths, offsets, layout = plan["ids"], plan["lengths"], plan["offsets"], plan["layout"]
     shape = plan["shape"]
     if offsets is None:
@@ -411,5 +447,13 @@ def _copy_items(features: Any, plan: dict[str, Any], writer: StoreWriter, bar: t
             for row, (a, n) in enumerate(zip(begin.tolist(), batch_lengths_np.tolist(), strict=True)):
                 rows[row, :n] = flat[a : a + n]
             batch_lengths = torch.from_numpy(batch_lengths_np)
-        writer.add_batch(metas, torch.from_numpy(np.ascontiguousarray(rows)), batch_lengths)
+        finite = _finite_items(rows, dtype, batch_lengths)
+        if not finite.all():
+            writer.add_errors([{"id": meta["id"], "index": start + i, "reason": f"non-finite features (inf/nan) in "
+                                f"{dtype}"} for i, meta in enumerate(metas) if not finite[i]])
+            keep = np.flatnonzero(finite)
+            metas, rows = [metas[i] for i in keep], rows[keep]
+            batch_lengths = batch_lengths[torch.from_numpy(keep)] if batch_lengths is not None else None
+        if metas:
+            writer.add_batch(metas, torch.from_numpy(np.ascontiguousarray(rows)), batch_lengths)
         bar.update(stop - start)

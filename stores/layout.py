@@ -16,6 +16,7 @@ LAYOUTS = ("fixed", "ragged", "pooled")
 ITEMS_FILE = "items.jsonl"
 ERRORS_FILE = "errors.jsonl"
 SHARD_MANIFEST_DIR = "_shards"
+STAGING_DIR = "_staging"  # rows and records made durable between shards (docs/store-format.md)
 
 # zarr v3 has no bfloat16: store its bits as uint16 and record the logical dtype.
 STORAGE_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}

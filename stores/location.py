@@ -11,8 +11,10 @@ fsspec and the backend already read from the environment (for S3: ``AWS_ENDPOINT
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,7 +193,32 @@ class LocalLocation(Location):
             handle.write(data)
 
     def create_exclusive(self, data: bytes) -> bool:
+        """Atomic with its content: the data goes to a temporary file first (fsync), which is then hard-linked to
+        this name, an operation that fails when the name exists. Readers never see the object empty or torn."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a store's cleanup of killed writes may remove our temporary file: write it again
+            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                    raise
+                return self._create_exclusive_without_links(data)  # a file system without hard links
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync(self.path.parent)
+            return True
+        raise FileNotFoundError(f"{self.path}: the temporary file for an exclusive create kept disappearing")
+
+    def _create_exclusive_without_links(self, data: bytes) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

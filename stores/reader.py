@@ -39,7 +39,8 @@ class _TensorStoreRows:
         self.folder = folder
         # No TensorStore cache: the OS page cache already holds hot shards, and a second copy would only grow.
         context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
-        spec = {"driver": "zarr3", "kvstore": kvstore}
+        # A missing shard is an error, never the fill value standing in for data.
+        spec = {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
         try:
             self._array = ts.open(spec, read=True, open=True, context=context).result()
         except Exception as error:  # noqa: BLE001 - TensorStore raises ValueError/RuntimeError subclasses
@@ -64,8 +65,17 @@ class _TensorStoreRows:
         rows = self._result(self._array.oindex[unique].read(), f"{len(unique)} rows")
         return rows[inverse.reshape(-1)]
 
-    def all(self) -> np.ndarray:
-        return self._result(self._array.read(), "whole array")
+
+def _check_shards(path: Location, group: zarr.Group, name: str) -> None:
+    """Refuse a store whose shard objects are missing or not the size their manifest entries record: zarr would
+    read a missing shard back as zeros without a word. (Contents are re-hashed by ``stores verify``.)"""
+    from stores.integrity import array_problems
+
+    arrays = [name, *(["offsets"] if "offsets" in group else [])]
+    problems = [p for a in arrays for p in array_problems(path, a, group[a], full_hash=False)]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StoreError(f"store {path} cannot be read: {problems[0]}{more}; run 'stores verify --repair' on it")
 
 
 class FeatureStore:
@@ -84,6 +94,8 @@ class FeatureStore:
         group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
         name = token_array_name(meta.layout)
         self._array = group[name]
+        if meta.complete:
+            _check_shards(path, group, name)
         # zarr-python stays the reader of record for metadata, the fallback ``fast_reads=False`` (a cross-check) and
         # the reader of remote stores (their whole arrays are fetched shard by shard, concurrently, into RAM)
         kvstore = (path / name).tensorstore_kvstore() if fast_reads else None
@@ -205,7 +217,9 @@ class FeatureStore:
     def load_into_memory(self) -> None:
         """Read the whole token array into a CPU tensor (storage dtype) once."""
         if self._memory is None:
-            whole = self._fast.all() if self._fast else self._array[...]
+            # the rows of the listed items only: an unfinished store's array may extend over shards never written
+            rows = int(self._offsets[-1]) if self.layout == "ragged" else len(self.ids)
+            whole = self._fast.read(np.array([0]), np.array([rows])) if self._fast else self._array[:rows]
             self._memory_np = np.ascontiguousarray(whole)
             self._memory = self._as_tensor(self._memory_np)
 

@@ -6,14 +6,18 @@ is made durable and hashed, and a manifest entry ``_shards/<array>/<index>.json`
 temp file, fsync, rename; on an object store: one PUT). The entry also carries the item records (and the error
 records before them) that this shard completes, so rows and records are committed together by one atomic write and
 an object store never needs an append. ``items.jsonl`` and ``errors.jsonl`` are written whole by
-:meth:`StoreWriter.finish`, which alone marks a store ``complete``.
+:meth:`StoreWriter.finish`, which alone marks a store ``complete``. Between whole shards, what was appended is made
+durable every ``commit_seconds`` as a staging part (``_staging/``), so a killed writer loses minutes, not a shard.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -35,6 +39,7 @@ from stores.layout import (
     ITEMS_FILE,
     LAYOUTS,
     SHARD_MANIFEST_DIR,
+    STAGING_DIR,
     STORAGE_DTYPE,
     StoreMeta,
     is_feature_store,
@@ -147,6 +152,13 @@ class _Records:
         self._errors: list[dict] = []
         self._end_row = end_row
         self._skip = skip or set()  # records a resumed extraction produces again that an entry already commits
+        self._log: list[list] | None = None  # [kind, record, rows] accepted since the last staging part, if staging
+
+    @classmethod
+    def continuing(cls, records: _Records, skip: set[tuple] | None) -> _Records:
+        """``records`` (already waiting) now dropping the records in ``skip`` as they arrive again."""
+        records._skip = skip or set()
+        return records
 
     @staticmethod
     def key(kind: str, record: dict) -> tuple:
@@ -164,7 +176,16 @@ class _Records:
                 self._items.append((record, self._end_row))
             else:
                 self._errors.append(record)
+            if self._log is not None:
+                self._log.append([kind, record, rows])
             return True
+
+    def take_log(self) -> list[list]:
+        """The records accepted since the last call, in arrival order (for a staging part); from the first call on,
+        accepted records are logged."""
+        with self._lock:
+            log, self._log = self._log or [], []
+        return log
 
     def take_through(self, row: int) -> dict[str, list[dict]]:
         """Pop the records committed once rows ``[0, row)`` are stored."""
@@ -208,6 +229,56 @@ def commit_plan(items: list[dict], errors: list[dict], rows_per_item: list[int],
     return plan, records.take_all()["errors"]
 
 
+def _staged(store: Location, array: zarr.Array, name: str, start: int, remove_rest: bool = False
+            ) -> tuple[np.ndarray, list[list], list[tuple[int, int]]]:
+    """What the staging parts of an interrupted run hold durably after the stored shards end at row ``start``: the
+    rows from ``start`` on, the logged records of every part up to the first gap (in order), and the parts kept as
+    ``(number, end row)``. A part is kept only while every row before its end is durable and its object matches
+    its entry. ``remove_rest`` deletes every other file of the staging folder (a resume redoes their work)."""
+    folder = store / STAGING_DIR / name
+    entries: dict[int, dict] = {}
+    for child in folder.children():
+        stem = child.name.removesuffix(".json")
+        if child.name.endswith(".json") and stem.isdigit():
+            try:
+                entries[int(stem)] = json.loads(child.read_text())
+            except ValueError:
+                continue  # a torn entry: the part was never committed
+    end, pieces, log, kept = start, [], [], []
+    for number in sorted(entries):
+        entry = entries[number]
+        try:
+            first, last = (int(r) for r in entry["rows"])
+            if first > end:
+                break
+            data = (folder / f"{number}.npy").read_bytes()
+            if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                break
+            rows = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, KeyError, TypeError, ValueError):
+            break
+        if rows.shape != (last - first, *array.shape[1:]) or rows.dtype != array.dtype:
+            break
+        if last > end:
+            pieces.append(rows[end - first:])
+            end = last
+        log.extend(entry.get("records", []))
+        kept.append((number, last))
+    if remove_rest:
+        keep = {f"{n}{suffix}" for n, _ in kept for suffix in (".json", ".npy")}
+        for child in folder.children():
+            if child.name not in keep:
+                child.remove_tree()
+    rows = np.concatenate(pieces) if pieces else np.empty((0, *array.shape[1:]), array.dtype)
+    return rows, log, kept
+
+
+def _new_records(log: list[list], entries: list[dict]) -> list[list]:
+    """The staged records that no stored shard's entry commits yet, in order."""
+    done = {_Records.key(kind, r) for kind in ("items", "errors") for r in entry_records(entries, kind)}
+    return [[kind, record, rows] for kind, record, rows in log if _Records.key(kind, record) not in done]
+
+
 class _ShardAppender:
     """Appends rows to one zarr array along axis 0, writing whole shards only."""
 
@@ -223,6 +294,44 @@ class _ShardAppender:
         self._skip = skip_rows  # re-extracted rows that are already stored, byte-identical: drop them
         self._futures: list[Future] = []
         self.bytes_written = sum(e["bytes"] for e in shard_entries(store, name).values()) if start_rows else 0
+        # Staging parts (see StoreWriter): rows below _staged_end are durable, in shards or in the parts listed.
+        self._staged_end = start_rows
+        self._parts: list[tuple[int, int]] = []  # (part number, end row) of the parts on disk, in order
+        self._next_part = 0
+
+    def preload(self, rows: np.ndarray, parts: list[tuple[int, int]]) -> None:
+        """Rows kept by staging parts of an interrupted run (they follow the stored shards): pending again."""
+        if len(rows):
+            self._pending.append(rows)
+            self._pending_rows += len(rows)
+        self._staged_end = self._queued_rows + self._pending_rows
+        self._parts = list(parts)
+        self._next_part = max((n for n, _ in parts), default=-1) + 1
+
+    def stage(self, log: list[list]) -> None:
+        """Make the rows not yet durable and the records ``log`` durable as one staging part (on the writer thread,
+        in order with the shards)."""
+        end = self._queued_rows + self._pending_rows
+        first = max(self._staged_end, self._queued_rows)
+        if first >= end and not log:
+            return
+        data = np.concatenate(self._pending)[first - self._queued_rows:] if self._pending else \
+            np.empty((0, *self.row_shape), self.array.dtype)
+        self._staged_end = end
+        number, self._next_part = self._next_part, self._next_part + 1
+        self._drain(1)
+        self._futures.append(self._pool.submit(self._write_part, number, first, np.ascontiguousarray(data), log))
+
+    def _write_part(self, number: int, first: int, data: np.ndarray, log: list[list]) -> None:
+        folder = self.store / STAGING_DIR / self.name
+        buffer = io.BytesIO()
+        np.save(buffer, data, allow_pickle=False)
+        rows_object = buffer.getvalue()
+        (folder / f"{number}.npy").write_bytes(rows_object)  # durable before the entry that commits it
+        entry = {"part": number, "rows": [first, first + len(data)], "sha256": hashlib.sha256(rows_object).hexdigest(),
+                 "bytes": len(rows_object), "records": log}
+        (folder / f"{number}.json").write_text(json.dumps(entry, ensure_ascii=False))
+        self._parts.append((number, first + len(data)))
 
     def append(self, rows: np.ndarray) -> None:
         if rows.shape[1:] != self.row_shape:
@@ -270,21 +379,26 @@ class _ShardAppender:
         records = self._records.take_through(end) if self._records is not None else None
         entry = record_shard(self.store, self.name, start // self.shard_rows, (start, end), self.array.ndim, records)
         self.bytes_written += entry["bytes"]
+        if len(data) == self.shard_rows:  # a whole shard: staging parts it covers are no longer needed
+            # (a final partial shard is redone on resume, so the parts covering it stay until finish)
+            while self._parts and self._parts[0][1] <= end:
+                number = self._parts.pop(0)[0]
+                (self.store / STAGING_DIR / self.name / f"{number}.json").remove()
+                (self.store / STAGING_DIR / self.name / f"{number}.npy").remove()
 
 
 def record_shard(store: Location, name: str, index: int, rows: tuple[int, int], ndim: int,
-                 records: dict[str, list[dict]] | None = None, expected_sha256: str | None = None) -> dict:
-    """Make a just-written shard durable, hash it and commit it with its manifest entry (one atomic write).
-
-    With ``expected_sha256`` (a repair) a shard that hashes otherwise is deleted and :class:`StoreError` raised."""
+                 records: dict[str, list[dict]] | None = None) -> dict:
+    """Make a just-written shard durable, hash it and commit it with its manifest entry (one atomic write)."""
     path = shard_file(store, name, index, ndim)
     path.make_durable()
-    entry = {"array": name, "shard": index, "rows": [int(rows[0]), int(rows[1])], "sha256": path.sha256(),
-             "bytes": path.size(), **(records or {})}
-    if expected_sha256 is not None and entry["sha256"] != expected_sha256:
-        path.remove()
-        raise StoreError(f"re-extracted shard {index} of {store}/{name} differs from the original bytes "
-                         "(source media or encoder changed?); left it missing")
+    return _write_entry(store, name, index, rows, path.sha256(), path.size(), records)
+
+
+def _write_entry(store: Location, name: str, index: int, rows: tuple[int, int], sha256: str, size: int,
+                 records: dict[str, list[dict]] | None) -> dict:
+    entry = {"array": name, "shard": index, "rows": [int(rows[0]), int(rows[1])], "sha256": sha256,
+             "bytes": int(size), **(records or {})}
     (store / SHARD_MANIFEST_DIR / name / f"{index}.json").write_text(json.dumps(entry, ensure_ascii=False))
     return entry
 
@@ -294,17 +408,35 @@ def open_group(store: Location, mode: str = "r", **kwargs) -> zarr.Group:
     return zarr.open_group(store.zarr_store(read_only=mode == "r"), mode=mode, **kwargs)
 
 
-def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, index: int,
-                  data: np.ndarray | torch.Tensor, expected_sha256: str | None = None) -> dict:
-    """Write one whole shard again (repair) and record its manifest entry.
+def _encoded_shard(store: Location, array_name: str, array: zarr.Array, index: int, data: np.ndarray) -> bytes:
+    """The bytes zarr writes for shard ``index`` of ``array`` holding ``data``, encoded in a scratch copy of the
+    array (same metadata, no data) so that nothing in the store changes before they are checked."""
+    with tempfile.TemporaryDirectory(prefix="shard-") as scratch:
+        aside = LocalLocation(Path(scratch))
+        (aside / array_name / "zarr.json").write_bytes((store / array_name / "zarr.json").read_bytes())
+        copy = zarr.open_array(aside.path / array_name, mode="r+").with_config(_WRITE_CONFIG)
+        start = index * array.shards[0]
+        copy[start : start + len(data)] = data
+        return shard_file(aside, array_name, index, array.ndim).read_bytes()
 
-    ``data`` must be exactly the shard's rows. With ``expected_sha256`` (the hash recorded when the shard was first
-    written) the new object must hash the same, proving the repair restored the original bytes; otherwise nothing
-    is recorded and :class:`StoreError` is raised. The item and error records the old entry committed are kept.
+
+def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, index: int,
+                  data: np.ndarray | torch.Tensor, expected_sha256: str | None = None,
+                  records: dict[str, list[dict]] | None = None) -> str:
+    """Write one whole shard again (repair) and record its manifest entry; returns what was fixed: ``"shard"``
+    (its object was rewritten) or ``"entry"`` (the object was right, its manifest entry was not).
+
+    ``data`` must be exactly the shard's rows. The new object is encoded aside and checked before anything in the
+    store changes, then replaces the old one in one atomic write: no bytes are removed before their replacement
+    is known good. With ``expected_sha256`` (the hash recorded when the shard was first written) the new bytes
+    must hash the same, proving the repair restores the original bytes. When they do not, but they equal the
+    object already in the store, the recorded entry is what got corrupted and only the entry is rewritten;
+    otherwise :class:`StoreError` is raised and nothing is changed. The item and error records the old entry
+    committed are kept (``records`` gives them when the entry itself is lost).
     """
     store = Location.of(store)
     meta = read_meta(store)
-    array = open_group(store, mode="r+")[array_name].with_config(_WRITE_CONFIG)
+    array = open_group(store)[array_name]
     shard_rows = array.shards[0]
     start, end = index * shard_rows, min(array.shape[0], (index + 1) * shard_rows)
     if isinstance(data, torch.Tensor):
@@ -313,12 +445,32 @@ def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, ind
             tensor = tensor.view(torch.uint16)
         data = tensor.numpy()
     if data.shape != (end - start, *array.shape[1:]):
-        raise StoreError(f"shard {index} of {store}/{array_name} holds rows {start}-{end - 1}; got {data.shape}")
+        raise StoreError(f"shard {index} of {store}/{array_name} holds rows {start}-{end - 1} of shape "
+                         f"{tuple(array.shape[1:])}; got {data.shape}")
+    data = np.ascontiguousarray(data, dtype=array.dtype)
     old = shard_entries(store, array_name).get(index, {})
-    records = {kind: old[kind] for kind in ("items", "errors") if kind in old}
-    shard_file(store, array_name, index, array.ndim).remove()  # zarr would read a corrupt one back first
-    array[start:end] = data
-    return record_shard(store, array_name, index, (start, end), array.ndim, records, expected_sha256)
+    kept = {kind: old[kind] for kind in ("items", "errors") if kind in old} if old else (records or {})
+    new = _encoded_shard(store, array_name, array, index, data)
+    digest = hashlib.sha256(new).hexdigest()
+    path = shard_file(store, array_name, index, array.ndim)
+    fixed = "shard"
+    if expected_sha256 is not None and digest != expected_sha256:
+        try:
+            on_disk = path.sha256()
+        except (FileNotFoundError, IsADirectoryError):
+            on_disk = None
+        if on_disk != digest:
+            raise StoreError(f"re-extracted shard {index} of {store}/{array_name} differs from the bytes recorded "
+                             "when it was written and from the bytes stored now (source media or encoder "
+                             "changed?); nothing was changed")
+        fixed = "entry"  # re-extraction reproduces the stored object: the recorded hash is what went wrong
+    try:
+        if fixed == "shard":
+            path.write_bytes(new)
+        _write_entry(store, array_name, index, (start, end), digest, len(new), kept)
+    except OSError as error:  # a read-only or full disk: the old object is still in place
+        raise StoreError(f"cannot write shard {index} of {store}/{array_name}: {error.strerror or error}") from None
+    return fixed
 
 
 class StoreWriter:
@@ -330,7 +482,8 @@ class StoreWriter:
     """
 
     def __init__(self, path: Location, group: zarr.Group, meta: StoreMeta, shard_mb: float, *, start_rows: int = 0,
-                 skip_rows: int = 0, committed: list[dict] | None = None, skip_records: set[tuple] | None = None):
+                 skip_rows: int = 0, committed: list[dict] | None = None, skip_records: set[tuple] | None = None,
+                 commit_seconds: float | None = None, staged: tuple[np.ndarray, list[list], list] | None = None):
         self.path, self._group, self.meta, self._shard_mb = path, group, meta, shard_mb
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._torch_dtype = _TORCH_DTYPE[meta.dtype]
@@ -338,7 +491,18 @@ class StoreWriter:
         self._lengths: list[int] = [int(it["length"]) for it in entry_records(committed, "items")]
         self._n_errors = sum(1 for _ in entry_records(committed, "errors"))
         committed_rows = sum(_item_rows(meta, it) for it in entry_records(committed, "items"))
-        self._records = _Records(end_row=int(committed_rows), skip=skip_records)
+        self._records = _Records(end_row=int(committed_rows))
+        for kind, record, rows in staged[1] if staged else ():  # staged by the interrupted run: waiting again
+            self._records.add(kind, record, rows)
+            if kind == "items":
+                self._lengths.append(int(record["length"]))
+            else:
+                self._n_errors += 1
+        self._records = _Records.continuing(self._records, skip_records)
+        self._commit_seconds = commit_seconds
+        self._last_commit = time.monotonic()
+        if commit_seconds is not None:
+            self._records.take_log()  # from now on, accepted records are logged for staging parts
         name = token_array_name(meta.layout)
         if start_rows or name in group:
             array = group[name].with_config(_WRITE_CONFIG)  # runtime setting, not stored: give it on every open
@@ -348,6 +512,8 @@ class StoreWriter:
             shape = (0, meta.tokens_per_item, meta.dim) if meta.layout == "fixed" else (0, meta.dim)
             row_bytes = int(np.prod(shape[1:])) * np.dtype(STORAGE_DTYPE[meta.dtype]).itemsize
             self._tokens = self._appender(name, shape, STORAGE_DTYPE[meta.dtype], row_bytes, self._records)
+        if staged:
+            self._tokens.preload(staged[0], staged[2])
         self._started = time.perf_counter()
         self._finished = False
 
@@ -365,13 +531,18 @@ class StoreWriter:
         shard_mb: float = 64,
         overwrite: bool = False,
         extraction: dict | None = None,
+        commit_seconds: float | None = None,
     ) -> StoreWriter:
         """Create an empty store at ``path`` (a local path or an fsspec URL). ``overwrite`` replaces an existing
         feature store (never other data).
 
         ``extraction`` is recorded from the start and kept in the final summary: ``expected_items`` (the manifest's
         length) lets an unfinished store say how much is missing; ``batch_size`` and ``manifest`` let a resume or
-        a repair re-run exactly the original batches."""
+        a repair re-run exactly the original batches.
+
+        ``commit_seconds``: make the rows and records added since the last shard durable at least this often, as a
+        staging part (``_staging/``), so an interrupted run loses at most about that much work; None: only whole
+        shards are durable. The finished store is the same either way."""
         path = Location.of(path)
         if layout not in LAYOUTS:
             raise StoreError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -404,14 +575,14 @@ class StoreWriter:
         try:
             # mode "a", not "w": "w" would wipe the directory, lock file included
             group = open_group(path, mode="a", attributes={ATTRS_KEY: meta.to_attrs()})
-            return cls(path, group, meta, shard_mb)
+            return cls(path, group, meta, shard_mb, commit_seconds=commit_seconds)
         except BaseException:
             lock.release(path)
             raise
 
     @classmethod
     def reopen(cls, path: Location | str | os.PathLike[str], restart_line: int | None = None,
-               shard_mb: float = 64) -> StoreWriter:
+               shard_mb: float = 64, commit_seconds: float | None = None) -> StoreWriter:
         """Continue an unfinished store (same identity: check with :func:`store_status` first).
 
         Shards whose objects match their manifest entries are kept, with the records those entries commit; anything
@@ -419,23 +590,24 @@ class StoreWriter:
         ``restart_line`` on will be extracted again and appended: their rows and records that are already stored
         are dropped as they arrive (the extraction is deterministic per batch, so they are byte-identical), and the
         store ends identical to an uninterrupted run. ``restart_line=None`` appends after every committed item.
+        The rows and records of staging parts that follow the kept shards count as stored (see :meth:`create`).
         """
         path = Location.of(path)
         if read_meta(path) is None:
             raise StoreError(f"{path} is not a feature store")
-        lock.acquire(path)
+        _take_lock(path, "write the store")
         try:
             meta = read_meta(path)  # again under the lock: another writer may have finished it meanwhile
             if meta is None or meta.complete:
                 raise StoreError(f"{path} is complete; there is nothing to resume")
-            return cls._reopen_locked(path, meta, restart_line, shard_mb)
+            return cls._reopen_locked(path, meta, restart_line, shard_mb, commit_seconds)
         except BaseException:
             lock.release(path)
             raise
 
     @classmethod
     def _reopen_locked(cls, path: Location, meta: StoreMeta, restart_line: int | None,
-                       shard_mb: float) -> StoreWriter:
+                       shard_mb: float, commit_seconds: float | None) -> StoreWriter:
         group = open_group(path, mode="r+")
         name = token_array_name(meta.layout)
         array = group[name]
@@ -447,19 +619,25 @@ class StoreWriter:
         array.resize((rows, *array.shape[1:]))
         _drop_outputs(path, group)
         remove_killed_writes(path)
-        if restart_line is not None and any("line" not in r for r in entry_records(entries, "items")):
+        staged_rows, log, parts = _staged(path, array, name, rows, remove_rest=True)
+        staged = _new_records(log, entries)
+        durable = {kind: [*entry_records(entries, kind), *(r for k, r, _ in staged if k == kind)]
+                   for kind in ("items", "errors")}
+        if restart_line is not None and any("line" not in r for r in durable["items"]):
             raise StoreError(f"{path}: its item records carry no manifest line numbers, so the resume point cannot "
                              "be found; extract it again with --overwrite")
-        # Records the re-extraction will produce again, already committed: dropped when they arrive.
+        # Records the re-extraction will produce again, already durable: dropped when they arrive.
         again = set() if restart_line is None else {
-            _Records.key(kind, r) for kind in ("items", "errors") for r in entry_records(entries, kind)
+            _Records.key(kind, r) for kind in ("items", "errors") for r in durable[kind]
             if int(r.get("line") or 0) >= restart_line}
-        rows_before = sum(_item_rows(meta, it) for it in entry_records(entries, "items")
+        rows_before = sum(_item_rows(meta, it) for it in durable["items"]
                           if restart_line is None or int(it["line"]) < restart_line)
-        writer = cls(path, group, meta, shard_mb, start_rows=rows, skip_rows=rows - rows_before,
-                     committed=entries, skip_records=again)
-        writer.resumed = {"items": len(writer._lengths), "rows": rows, "shards": shards,
-                          "rows_to_skip": rows - rows_before}
+        end = rows + len(staged_rows)
+        writer = cls(path, group, meta, shard_mb, start_rows=rows, skip_rows=end - rows_before,
+                     committed=entries, skip_records=again, commit_seconds=commit_seconds,
+                     staged=(staged_rows, staged, parts))
+        writer.resumed = {"items": len(writer._lengths), "rows": end, "shards": shards,
+                          "rows_to_skip": end - rows_before}
         return writer
 
     @classmethod
@@ -470,7 +648,7 @@ class StoreWriter:
         when the parts are assembled, are cleared and will be written again.
         """
         path = Location.of(path)
-        lock.acquire(path)
+        _take_lock(path, "write the store")
         try:
             meta = read_meta(path)  # under the lock: another writer may have finished it meanwhile
             if meta is None or meta.complete or "distributed" not in (meta.summary or {}):
@@ -504,9 +682,10 @@ class StoreWriter:
 
     @staticmethod
     def progress(path: Location | str | os.PathLike[str]) -> dict:
-        """What an unfinished store holds durably: ``{"last_line": manifest line of the last committed item or 0,
-        "items": committed items}``; used to decide where a resumed extraction restarts."""
-        items = committed_records(path)["items"]
+        """What an unfinished store holds durably, in its shards and staging parts: ``{"last_line": manifest line
+        of the last durable item or 0, "items": durable items}``; used to decide where a resumed extraction
+        restarts."""
+        items = durable_items(path)
         return {"last_line": int(items[-1].get("line", 0)) if items else 0, "items": len(items)}
 
     def _appender(self, name: str, shape: tuple[int, ...], dtype: str, row_bytes: int,
@@ -560,6 +739,9 @@ class StoreWriter:
             if self._records.add("items", record, item_rows):
                 self._lengths.append(n)
         self._tokens.append(rows)
+        if self._commit_seconds is not None and time.monotonic() - self._last_commit >= self._commit_seconds:
+            self._tokens.stage(self._records.take_log())
+            self._last_commit = time.monotonic()
 
     @property
     def items_written(self) -> int:
@@ -582,6 +764,13 @@ class StoreWriter:
         """Write the last shards, offsets and item table, then mark the store complete. Returns the summary."""
         if self._finished:
             raise StoreError(f"{self.path}: finish called twice")
+        try:
+            return self._finish(extra)
+        except BaseException:
+            self.abort()  # a finish that fails (a full disk, ...) releases the lock; the store stays incomplete
+            raise
+
+    def _finish(self, extra: dict | None) -> dict:
         try:
             self._tokens.close()
             tail = self._records.take_all()  # error records after the last item
@@ -623,6 +812,7 @@ class StoreWriter:
             **{**self.meta.__dict__, "complete": True, "count": len(self._lengths), "total_tokens": total_tokens,
                "summary": summary}
         )
+        (self.path / STAGING_DIR).remove_tree()  # every staged row and record is in the shards and tables now
         self._group.attrs.update({ATTRS_KEY: self.meta.to_attrs()})
         (self.path / "zarr.json").make_durable()
         self._finished = True
@@ -644,12 +834,13 @@ class StoreWriter:
             lock.release(self.path)
 
 
-def _take_lock(path: Location) -> None:
-    """The writer lock of a store about to be created; a place that cannot be written is one clear error."""
+def _take_lock(path: Location, doing: str = "create a store") -> None:
+    """The store's writer lock; a place that cannot be written (missing, read-only, no permission) is one clear
+    error."""
     try:
         lock.acquire(path)
-    except (FileNotFoundError, PermissionError, NotADirectoryError) as error:
-        raise StoreError(f"cannot create a store at {path}: {error}") from None
+    except OSError as error:
+        raise StoreError(f"cannot {doing} at {path}: {error.strerror or error}") from None
 
 
 def _item_rows(meta: StoreMeta, item: dict) -> int:
@@ -686,3 +877,25 @@ def committed_records(path: Location | str | os.PathLike[str], kinds: tuple[str,
     if rows % array.shards[0]:  # a final partial shard of an unfinished finish(): redone on resume
         entries = entries[:-1]
     return {kind: list(entry_records(entries, kind)) for kind in kinds}
+
+
+def durable_items(path: Location | str | os.PathLike[str]) -> list[dict]:
+    """The item records a store holds durably: :func:`committed_records`, and for an unfinished store also those of
+    its staging parts that follow the verified shards (their rows are not in the token array yet: a reader never
+    sees them, a resumed extraction keeps them)."""
+    path = Location.of(path)
+    meta = read_meta(path)
+    if meta is None or meta.complete:
+        return committed_records(path)["items"]
+    name = token_array_name(meta.layout)
+    group = open_group(path)
+    if name not in group:
+        return []
+    array = group[name]
+    rows, _, entries = committed_entries(path, name, array.ndim)
+    if rows % array.shards[0]:  # a final partial shard of an unfinished finish(): redone on resume
+        entries = entries[:-1]
+        rows = entries[-1]["rows"][1] if entries else 0
+    _, log, _ = _staged(path, array, name, rows)
+    return [*entry_records(entries, "items"),
+            *(record for kind, record, _ in _new_records(log, entries) if kind == "items")]

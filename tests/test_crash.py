@@ -110,3 +110,48 @@ def test_verify_repair_restores_the_original_bytes(tmp_path, tiny_text_model, te
     fixed = subprocess.run([*verify, "--repair"], cwd=REPO, capture_output=True, text=True)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert store_files(store) == original
+
+
+def _max_part(store: Path) -> int:
+    folder = store / "_staging" / "tokens"
+    numbers = [int(p.stem) for p in folder.glob("*.json")] if folder.is_dir() else []
+    return max(numbers, default=-1)
+
+
+def test_a_killed_extraction_loses_only_what_came_after_its_last_commit(tmp_path, tiny_text_model):
+    """With 64 MB shards nothing of a small extraction is a whole shard until it ends: what was encoded is made
+    durable every --commit-seconds (here after every batch) as staging parts, a kill keeps them, and the resumed
+    store (killed twice) is byte-identical to an uninterrupted run."""
+    manifest = tmp_path / "captions.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"c{i}", "text": "a photo of " * (1 + i % 6) + str(i)}) + "\n"
+                                for i in range(400)))
+
+    def extract(store: Path, *extra: str) -> list[str]:
+        return [sys.executable, "cli.py", "extract", "--modality", "text", "--encoder", tiny_text_model,
+                "--manifest", str(manifest), "--store", str(store), "--batch-size", "8", "--workers", "0", *extra]
+
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    subprocess.run(extract(clean), cwd=REPO, check=True, capture_output=True)
+    resumed_at = []
+    for parts_before_kill in (6, 12):
+        process = subprocess.Popen(extract(crashed, "--commit-seconds", "0"), cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        first = _max_part(crashed)
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if _max_part(crashed) >= first + parts_before_kill:
+                os.kill(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        stderr = process.communicate()[1]
+        assert process.returncode == -signal.SIGKILL, "extraction finished before it could be killed"
+        if "resuming at item" in stderr:
+            resumed_at.append(int(stderr.split("resuming at item ")[1].split()[0]))
+        assert not (crashed / "tokens" / "c").exists()  # no whole shard yet: only the staging parts hold items
+    resumed = subprocess.run(extract(crashed), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    resumed_at.append(int(resumed.stderr.split("resuming at item ")[1].split()[0]))
+    # each run resumed after at least the batches its predecessor had committed (6, then 6 more, of 8 items)
+    assert resumed_at[0] > 6 * 8 and resumed_at[1] > resumed_at[0] + 6 * 8 - 8, resumed_at
+    assert store_files(crashed) == store_files(clean)
+    assert not (crashed / "_staging").exists()

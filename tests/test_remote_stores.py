@@ -161,6 +161,27 @@ def test_verify_names_an_altered_object_and_a_reader_refuses_an_unfinished_remot
     assert refused.returncode != 0 and url in refused.stderr and "incomplete" in refused.stderr
 
 
+def test_repair_of_a_remote_fixed_layout_store_restores_its_objects(s3, tiny_image_model, image_manifest):
+    """An altered shard, a deleted one and a corrupted manifest entry of an image (fixed-layout) store in the bucket:
+    a reader refuses it, and verify --repair restores every object to the bytes first written."""
+    url = f"s3://{BUCKET}/repair/image"
+    _cli(s3, "extract", "--modality", "image", "--encoder", tiny_image_model, "--manifest", str(image_manifest),
+         "--store", url, "--batch-size", "2", "--shard-mb", "0.0005", "--workers", "0")
+    original, fs, root = _remote_objects(s3, url), s3["fs"], f"{BUCKET}/repair/image"
+    altered = bytearray(fs.cat_file(f"{root}/tokens/c/0/0/0"))
+    altered[-20] ^= 0x10
+    fs.pipe_file(f"{root}/tokens/c/0/0/0", bytes(altered))
+    fs.rm_file(f"{root}/tokens/c/3/0/0")
+    entry = json.loads(fs.cat_file(f"{root}/_shards/tokens/2.json"))
+    entry["sha256"] = "f" * 64
+    fs.pipe_file(f"{root}/_shards/tokens/2.json", json.dumps(entry).encode())
+    refused = _cli(s3, "fit-up", "--image-store", url, "--text-store", url, "--out", "unused", check=False)
+    assert refused.returncode != 0 and "shard file is missing" in refused.stderr and "Traceback" not in refused.stderr
+    repaired = _cli(s3, "stores", "verify", url, "--repair")
+    assert "repaired 3 shard(s)" in repaired.stdout and "tokens shard 2: its manifest entry" in repaired.stdout
+    assert _remote_objects(s3, url) == original
+
+
 def test_a_second_writer_is_refused_while_the_first_holds_the_remote_lock(s3):
     from stores import StoreWriter
     from stores.lock import StoreLockedError

@@ -359,3 +359,71 @@ def test_manifest_entries_commit_what_the_commit_plan_of_the_whole_tables_says(t
     plan, tail = commit_plan(items, errors, [it["length"] for it in items], ends)
     assert [{k: entries[i].get(k, []) for k in ("items", "errors")} for i in sorted(entries)] == plan
     assert errors == [e for p in plan for e in p["errors"]] + tail
+
+
+def test_stores_ls_lists_each_store_once_through_symlink_loops(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "root"
+    write_store(root / "a" / "s", "pooled", "float16", [torch.randn(6) for _ in range(3)])
+    (root / "a" / "b").mkdir()
+    (root / "a" / "b" / "up").symlink_to("..")  # a loop through the parent
+    (root / "a" / "b" / "top").symlink_to(root)  # a loop to the root, absolute
+    (root / "a" / "self").symlink_to(".")
+    (root / "loop").symlink_to("loop")  # a link to itself: reading through it fails with ELOOP
+    (root / "a" / "s" / "back").symlink_to("..")  # inside a store
+    (root / "again").symlink_to(root / "a")
+    done = subprocess.run([sys.executable, "cli.py", "stores", "ls", str(root)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)  # the old walk never ended
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.splitlines()[1:]
+    assert len(listed) == 1 and listed[0].startswith(str(root / "a" / "s")), done.stdout
+
+
+@pytest.mark.parametrize("layout", ["ragged", "fixed", "pooled"])
+def test_staging_parts_keep_what_came_after_the_last_shard_and_resume_to_the_same_bytes(tmp_path, layout):
+    """A writer that commits after every batch (commit_seconds=0) and stops at several points: what it staged
+    after its last whole shard is kept (more items than the shards hold), a resumed writer fed the batches from
+    the restart point on, stopped again and resumed, ends byte-identical to one uninterrupted writer."""
+    from toy_stores import store_files
+
+    from stores.writer import committed_records
+
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for b in range(14):
+        lengths = torch.randint(1, 6, (3,), generator=gen)
+        shape = (3, 6) if layout == "pooled" else (3, 5, 6)
+        batches.append(([{"id": f"i{3 * b + k}", "line": 3 * b + k + 1} for k in range(3)],
+                        torch.randn(*shape, generator=gen), lengths))
+
+    def writer_at(path, commit_seconds, restart=None):
+        if restart is None:
+            return StoreWriter.create(path, modality="text", layout=layout, dim=6, dtype="float32",
+                                      tokens_per_item=5 if layout == "fixed" else None, identity={"l": layout},
+                                      shard_mb=0.0015, commit_seconds=commit_seconds)
+        return StoreWriter.reopen(path, restart_line=restart, shard_mb=0.0015, commit_seconds=commit_seconds)
+
+    def feed(writer, first, last):
+        for metas, tokens, lengths in batches[first:last]:
+            writer.add_batch(metas, tokens, None if layout != "ragged" else lengths)
+
+    whole = writer_at(tmp_path / "whole", None)
+    feed(whole, 0, len(batches))
+    whole.finish()
+
+    path = tmp_path / "stopped"
+    writer, start = writer_at(path, 0), 0
+    for stop in (5, 9):
+        feed(writer, start, stop)
+        writer._tokens._drain(0)  # a kill after the last part's write was done
+        writer.abort()
+        durable = StoreWriter.progress(path)
+        assert durable["items"] == 3 * stop > len(committed_records(path)["items"])  # parts hold the rest
+        start = durable["items"] // 3  # the batch after the last durable item
+        writer = writer_at(path, 0, restart=3 * start + 1)
+    feed(writer, start, len(batches))
+    writer.finish()
+    assert store_files(path) == store_files(tmp_path / "whole")

@@ -189,3 +189,46 @@ def test_cli_export_and_import(tmp_path: Path) -> None:
         f["features"] = np.zeros((2, 3))
     bad = cli("stores", "import", tmp_path / "bad.h5", "--store", tmp_path / "x", "--modality", "image", ok=False)
     assert bad.returncode == 1 and "bad.h5: no 'ids' dataset" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_small_file_declaring_huge_datasets_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    """A few KB of HDF5 can declare tens of GB (chunked datasets with no chunk written read back as fill values)."""
+    huge_features, huge_ids = tmp_path / "features.h5", tmp_path / "ids.h5"
+    with h5py.File(huge_features, "w") as f:
+        f.create_dataset("features", shape=(4, 200000, 100000), dtype="f4", chunks=(1, 100, 100))
+        f["ids"] = np.arange(4)
+    with h5py.File(huge_ids, "w") as f:
+        f["features"] = np.zeros((2, 3), np.float32)
+        f.create_dataset("ids", shape=(10**9,), dtype="i8", chunks=(1000,))
+    squeezed = tmp_path / "squeezed.h5"  # compressed far beyond what any filter packs
+    with h5py.File(squeezed, "w") as f:
+        f.create_dataset("features", shape=(64, 100000), dtype="f4", chunks=(1, 100000), compression="gzip")
+        f["features"][0, 0] = 1.0
+        f["ids"] = np.arange(64)
+    for path, name in ((huge_features, "features"), (huge_ids, "ids"), (squeezed, "features")):
+        assert path.stat().st_size < 200_000
+        done = cli("stores", "import", path, "--store", tmp_path / f"store-{path.stem}", "--modality", "image",
+                   ok=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"'{name}' declares shape" in done.stderr and "does not contain its data" in done.stderr
+        assert not (tmp_path / f"store-{path.stem}").exists()  # refused before a store was begun
+
+
+def test_non_finite_features_are_left_out_and_named_like_extraction_does(tmp_path: Path) -> None:
+    features = np.random.default_rng(2).standard_normal((6, 3, 4)).astype(np.float32)
+    features[1, 0, 2] = np.nan
+    features[3, 2, 0] = 1e6  # finite in float32, inf in float16
+    features[4, 2, 1] = np.inf  # in the padding of a 2-token item: not part of the item
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f["features"], f["ids"], f["lengths"] = features, np.arange(6), np.array([3, 3, 3, 3, 2, 3])
+    summary = import_hdf5(path, tmp_path / "fp16", modality="text", dtype="fp16")
+    store = FeatureStore.open(tmp_path / "fp16")
+    assert store.ids == ["0", "2", "4", "5"] and summary["failed"] == 2
+    assert [(e["id"], e["reason"]) for e in store.errors()] == [("1", "non-finite features (inf/nan) in float16"),
+                                                                ("3", "non-finite features (inf/nan) in float16")]
+    assert torch.equal(store.get_batch([3])[0][0], torch.from_numpy(features[5]).half().float())
+    import_hdf5(path, tmp_path / "fp32", modality="text", dtype="fp32")
+    assert FeatureStore.open(tmp_path / "fp32").ids == ["0", "2", "3", "4", "5"]
+    done = cli("stores", "import", path, "--store", tmp_path / "cli", "--modality", "text", "--dtype", "fp16")
+    assert "4 items imported" in done.stdout and "2 left out" in done.stdout
