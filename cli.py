@@ -590,8 +590,9 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
                    "default: pair by ref/ids like fit-up, one pair per image")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for cka.json and the heatmap cka.png")
-@click.option("--estimator", type=click.Choice(["auto", "full", "minibatch"]), default="auto", show_default=True,
-              help="auto: full-batch when the pooled features fit in --memory-gb, else minibatch (unbiased)")
+@click.option("--estimator", type=click.Choice(["auto", "full", "minibatch"]), default="minibatch", show_default=True,
+              help="minibatch: unbiased HSIC (one batch when the pairs fit in --batch-size); full: the biased "
+                   "full-batch estimator (scores noise high on few pairs); auto: full when it fits in --memory-gb")
 @click.option("--batch-size", default=1024, show_default=True, help="rows per minibatch of the minibatch estimator")
 @click.option("--memory-gb", type=float, default=None, help="memory the full estimator may use (default: the store "
                                                             "RAM budget, ONEENCODER_RAM_BUDGET_GB or 4)")
