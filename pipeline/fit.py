@@ -20,7 +20,7 @@ from torch import nn
 from pipeline import distributed
 from pipeline.embed import embed_store
 from pipeline.metrics import bidirectional_retrieval
-from pipeline.pairs import Pairs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
+from pipeline.pairs import Pairs, check_pivot_refs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
 from pipeline.prefetch import prefetched, to_device, token_batch
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, RunError
@@ -331,6 +331,7 @@ def fit_al(
     check_compatible(config, pivot, pivot_features)
     if new.modality != modality:
         raise TrainingError(f"store {new.path} holds {new.modality!r} features, not {modality!r}")
+    check_pivot_refs(new, pivot_features)
     record = config["modalities"].get(modality)
     stage_name = f"fit-al:{modality}"
     if record is None:
