@@ -394,6 +394,13 @@ def train_options(epochs: int, batch_size: int):
         click.option("--seed", default=0, show_default=True),
         click.option("--sampling", type=click.Choice(["one-per-anchor", "all"]), default="one-per-anchor",
                      show_default=True, help="one random caption per image per epoch, or every pair"),
+        click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+                     help="cosine: linear warm-up over --lr-warmup of the steps, then cosine to 0; constant: the "
+                          "paper's"),
+        click.option("--lr-warmup", default=0.1, show_default=True, help="fraction of the steps warming up (cosine)"),
+        click.option("--select", type=click.Choice(["mean-rank", "rsum"]), default="mean-rank", show_default=True,
+                     help="validation signal that picks the kept epoch: mean rank of the true partner (both ways) "
+                          "or R@1+R@5+R@10 (both ways)"),
         click.option("--device", default="cpu", show_default=True),
         click.option("--resume", is_flag=True, help="continue the run from its last checkpoint"),
         click.option("--no-tensorboard", "no_tensorboard", is_flag=True,
@@ -438,12 +445,16 @@ def _train_config(warmup_epochs: int = 0, no_tensorboard: bool = False, **kwargs
 @click.option("--fusion", type=click.Choice(["add", "attention", "concat"]), default="add", show_default=True)
 @click.option("--blocks", default=4, show_default=True, help="transformer blocks of the UP")
 @click.option("--width", default=256, show_default=True)
+@click.option("--pooled-skip/--no-pooled-skip", default=True, show_default=True,
+              help="UP: add a linear path from the mean-pooled tokens, the UP's output gated in from 0 "
+                   "(docs/training.md); --no-pooled-skip is the paper's UP")
+@click.option("--dropout", default=0.1, show_default=True, help="UP / DFE dropout")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @train_options(epochs=30, batch_size=128)
 @loss_options
 @friendly_errors
-def fit_up(image_store, text_store, out, head, fusion, blocks, width, resume, overwrite, loss_kind, target_mix,
-           temperature, warmup_epochs, **train_kwargs) -> None:
+def fit_up(image_store, text_store, out, head, fusion, blocks, width, pooled_skip, dropout, resume, overwrite,
+           loss_kind, target_mix, temperature, warmup_epochs, **train_kwargs) -> None:
     """Step 1: train the Universal Projection on image-text pairs, from cached features only."""
     from pipeline.distributed import is_main, session
     from pipeline.fit import LossConfig
@@ -452,7 +463,8 @@ def fit_up(image_store, text_store, out, head, fusion, blocks, width, resume, ov
     loss = LossConfig(kind=loss_kind, init_temperature=temperature, target_mix=target_mix)
     with session(train_kwargs.get("device", "cpu")) as device:  # joins torchrun's group when launched by it
         summary = run_fit_up(image_store, text_store, out, head=head, width=width, blocks=blocks, fusion=fusion,
-                             loss=loss, train=_train_config(warmup_epochs, **{**train_kwargs, "device": device}),
+                             pooled_skip=pooled_skip, head_options={"dropout": dropout}, loss=loss,
+                             train=_train_config(warmup_epochs, **{**train_kwargs, "device": device}),
                              resume=resume, overwrite=overwrite)
         if is_main():
             click.echo(f"run written to {summary['run']}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -44,6 +45,13 @@ class TrainConfig:
     seed: int = 0
     sampling: str = "one-per-anchor"
     warmup_epochs: int = 0  # epochs with one-hot targets before the soft targets take over
+    # Learning-rate schedule per step: "cosine" (linear warm-up over lr_warmup of the steps, then cosine to 0, as
+    # open_clip trains) or "constant" (the paper's). docs/training.md measures both.
+    lr_schedule: str = "cosine"
+    lr_warmup: float = 0.1
+    # What picks the kept epoch on the validation split: "mean-rank" (mean rank of the true partner, both ways;
+    # smooth, so it tracks held-out recall on small sets) or "rsum" (sum of R@1/5/10 both ways).
+    select: str = "mean-rank"
     device: str = "cpu"
     tensorboard: bool = True  # also mirror metrics.jsonl into RUN/tb/ event files
 
@@ -86,7 +94,36 @@ def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> dict:
     a_of_b = np.asarray([row_of[int(x)] for x in pairs.anchor])
     metrics = bidirectional_retrieval(a, b, a_of_b, stage.anchor, stage.partner)
     metrics["rsum"] = sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
+    metrics["mean_rank"] = float(np.mean([m["mean_rank"] for m in metrics.values() if isinstance(m, dict)]))
     return metrics
+
+
+LR_SCHEDULES = ("cosine", "constant")
+SELECTIONS = ("mean-rank", "rsum")
+
+
+def selection_score(val: dict, select: str, epoch: int) -> float:
+    """Higher is better. Without validation the last epoch wins."""
+    if not val:
+        return float(epoch)
+    if select == "mean-rank":
+        return -val["mean_rank"]
+    if select == "rsum":
+        return val["rsum"]
+    raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based) of ``total``."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    warm = max(1, round(warmup * total)) if warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched: tuple, batch_len: int,
@@ -105,9 +142,16 @@ def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched:
 
 
 def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: Stage, resume: bool,
-              progress: bool = True) -> dict:
-    """Train ``stage`` and return its closing summary. The run config must already be written."""
+              progress: bool = True, on_epoch: Callable[[int, nn.Module], dict] | None = None) -> dict:
+    """Train ``stage`` and return its closing summary. The run config must already be written.
+
+    ``on_epoch(epoch, model)``: extra numbers recorded under ``monitor`` in the epoch's metrics (e.g. recall on a
+    held-out set, for studying model selection); it never influences training or selection."""
     cfg = stage.train
+    if cfg.select not in SELECTIONS:
+        raise TrainingError(f"select must be one of {SELECTIONS}, got {cfg.select!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     pairs = pair_stores(stage.anchor_store, stage.partner_store)
     train_pairs, val_pairs = split_by_anchor(pairs, cfg.val_fraction, cfg.seed)
     if len(train_pairs.anchors) < 2:
@@ -121,12 +165,18 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
         p.requires_grad_(not names or n in names)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     mix_after_warmup = loss_fn.target_mix
+    steps_per_epoch = epoch_steps(train_pairs, cfg.batch_size, cfg.sampling)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.lr_schedule, cfg.lr_warmup))
 
     start_epoch, best = 1, -math.inf
     state = run.checkpoint_state() if resume else None
     if state is not None and state.get("stage") == stage.name:  # an earlier stage's checkpoint is not ours
         run.load_checkpoint_weights(model, loss_fn)
         optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
         done = int(state["epoch"])
@@ -141,7 +191,6 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     # frozen means frozen: a frozen UP must give the pivot the same embedding every step.
     modules = dict(model.named_modules())
     trainable_owners = sorted({owner for n in names if (owner := ".".join(n.split(".")[:2])) in modules})
-    steps_per_epoch = epoch_steps(train_pairs, cfg.batch_size, cfg.sampling)
     pin = torch.device(cfg.device).type == "cuda"
     # Under torchrun each rank reads and embeds only its contiguous slice of every global batch; the embeddings are
     # gathered with gradients, so the loss (and its gradient) is that of the whole global batch (pipeline/distributed).
@@ -182,15 +231,18 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
             value = optimiser_step(optimizer, loss, f"at epoch {epoch}, step {step + 1}",
                                    f"the last good checkpoint in {run.checkpoints} is intact; lower --lr or check "
                                    "the stores for non-finite values")
+            scheduler.step()
             total += value * len(a_idx)
             count += len(a_idx)
         val = _validate(model, stage, val_pairs) if main else {}  # only rank 0 keeps weights and writes the run
         record = {
             "stage": stage.name, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,
             "target_mix": loss_fn.target_mix, "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3),
-            "val": val,
+            "lr": optimizer.param_groups[0]["lr"], "val": val,
         }
-        score = val.get("rsum", float(epoch))  # without validation the last epoch is kept
+        if on_epoch is not None and main:
+            record["monitor"] = on_epoch(epoch, model)
+        score = selection_score(val, cfg.select, epoch)
         if score > best:
             best = score
             record["saved"] = True
@@ -199,7 +251,8 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
         if main:
             run.append_metrics(record)
             run.save_checkpoint(model, loss_fn, {"stage": stage.name, "epoch": epoch, "best": best,
-                                                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                                 "rng": torch.get_rng_state()},
                                 tag=f"epoch-{epoch:04d}")
         if progress and main:
             print(_epoch_line(record), flush=True)
@@ -246,14 +299,19 @@ def fit_up(
     width: int = 256,
     blocks: int = 4,
     fusion: str = "add",
+    pooled_skip: bool = True,
     loss: LossConfig | None = None,
     train: TrainConfig | None = None,
+    head_options: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    on_epoch: Callable[[int, nn.Module], dict] | None = None,
 ) -> dict:
     """Step 1 (Algorithm 1): train the Universal Projection (or another registered ``head``: dfe, freeze-align,
-    linear) on image-text pairs read from two stores. ``blocks`` and ``fusion`` apply to heads that have them."""
+    linear) on image-text pairs read from two stores. ``blocks``, ``fusion``, ``pooled_skip`` (UPConfig; False:
+    the paper's UP) and ``head_options`` (other config fields, e.g. ``dropout``, ``pool``) apply to heads that have
+    them. ``on_epoch``: see :func:`run_stage`."""
     images, texts = FeatureStore.open(image_store), FeatureStore.open(text_store)
     for store, modality in ((images, "image"), (texts, "text")):
         if store.modality != modality:
@@ -280,7 +338,7 @@ def fit_up(
         config = {
             "head": head,
             "model": head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
-                                 fusion=fusion).to_dict(),
+                                 fusion=fusion, pooled_skip=pooled_skip, **(head_options or {})).to_dict(),
             "loss": asdict(loss),
             "modalities": {name: {"store": record, "stage": "fit-up", "status": "training"}
                            for name, record in stores.items()},
@@ -292,7 +350,7 @@ def fit_up(
     torch.manual_seed(train.seed)  # before building: initial weights follow --seed
     head, loss_fn = RunDir.build(config)
     stage = Stage("fit-up", "image", "text", images, texts, train)
-    summary = run_stage(run, head, loss_fn, stage, resume=resume, progress=progress)
+    summary = run_stage(run, head, loss_fn, stage, resume=resume, progress=progress, on_epoch=on_epoch)
     if distributed.is_main():
         config = run.read_config()
         for name in stores:

@@ -89,7 +89,8 @@ def test_fit_up_learns_a_separable_toy_set_and_writes_the_run(tmp_path):
 
 def test_resume_gives_the_same_run_as_uninterrupted(tmp_path):
     image_store, text_store = make_toy_pair(tmp_path, n_images=40)
-    train = {"batch_size": 16, "val_fraction": 0.2, "seed": 3}
+    # A constant lr: a cosine schedule is planned over --epochs, so resuming with more epochs re-plans its tail.
+    train = {"batch_size": 16, "val_fraction": 0.2, "seed": 3, "lr_schedule": "constant"}
     fit_up(image_store, text_store, tmp_path / "straight", **SMALL, train=TrainConfig(epochs=4, **train),
            progress=False)
     fit_up(image_store, text_store, tmp_path / "resumed", **SMALL, train=TrainConfig(epochs=2, **train),
@@ -101,6 +102,26 @@ def test_resume_gives_the_same_run_as_uninterrupted(tmp_path):
     assert strip(straight) == strip(resumed)
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_schedule_warms_up_then_decays_and_selection_keeps_the_best_mean_rank(tmp_path):
+    image_store, text_store = make_toy_pair(tmp_path, n_images=40)
+    run = tmp_path / "run"
+    fit_up(image_store, text_store, run, **SMALL, train=TrainConfig(epochs=8, batch_size=8, val_fraction=0.25),
+           progress=False)
+    metrics = RunDir(run).metrics()
+    lrs = [m["lr"] for m in metrics]  # after each epoch's last step; 30 train images: 4 steps per epoch
+    peak = lrs.index(max(lrs))
+    assert 0 < peak < 3 and max(lrs) <= 1e-3
+    assert lrs[peak:] == sorted(lrs[peak:], reverse=True) and lrs[-1] < 0.01 * max(lrs)
+    assert lrs[0] < max(lrs)  # the first epoch is still warming up
+    # The kept weights are those of the epoch with the lowest validation mean rank (the first of ties).
+    ranks = [m["val"]["mean_rank"] for m in metrics]
+    kept = max(m["epoch"] for m in metrics if m.get("saved"))
+    assert kept == 1 + ranks.index(min(ranks))
+    for m in metrics:
+        directions = [v["mean_rank"] for v in m["val"].values() if isinstance(v, dict)]
+        assert m["val"]["mean_rank"] == pytest.approx(sum(directions) / 2)
 
 
 def test_existing_run_and_foreign_stores_are_refused(tmp_path):
