@@ -7,6 +7,7 @@ held-out split each epoch, writes metrics, keeps the best weights and checkpoint
 
 from __future__ import annotations
 
+import ctypes
 import math
 import shutil
 import time
@@ -141,6 +142,25 @@ def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched:
     return loss_fn(a, b)
 
 
+# glibc's mallopt parameter number of M_MMAP_THRESHOLD.
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory_to_the_os(threshold_bytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold_bytes`` or more with its own mmap, unmapped when freed.
+
+    A training step allocates and frees about 1 GB of activations (UP, batch 128 x 49 tokens). glibc raises its mmap
+    threshold each time such a block is freed (up to 32 MiB), so later blocks come from its heaps, which keep freed
+    memory: the process then holds ~2 GB after a few steps and more as the heaps fragment, for a 45 MB store
+    (docs/training.md, memory). A fixed threshold keeps the resident size at the stores plus the model between
+    steps. Returns False where the C library is not glibc (nothing changes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: Stage, resume: bool,
               progress: bool = True, on_epoch: Callable[[int, nn.Module], dict] | None = None) -> dict:
     """Train ``stage`` and return its closing summary. The run config must already be written.
@@ -152,6 +172,7 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
         raise TrainingError(f"select must be one of {SELECTIONS}, got {cfg.select!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    return_freed_memory_to_the_os()
     pairs = pair_stores(stage.anchor_store, stage.partner_store)
     train_pairs, val_pairs = split_by_anchor(pairs, cfg.val_fraction, cfg.seed)
     if len(train_pairs.anchors) < 2:
