@@ -383,8 +383,9 @@ _text_manifest_command("textcls", "text", "Any TSV/CSV/JSONL file or folder of t
 
 
 # ---- fit ---------------------------------------------------------------------------------------------------------
-def train_options(epochs: int, batch_size: int):
-    """Options every fit stage shares (defaults differ: the paper's step 2 uses 100 epochs of batch 64)."""
+def train_options(epochs: int, batch_size: int, lr_schedule: str = "constant", select: str = "rsum"):
+    """Options every fit stage shares (defaults differ: the paper's step 2 uses 100 epochs of batch 64; fit-up's
+    schedule and selection are ours, docs/training.md)."""
     options = [
         click.option("--epochs", default=epochs, show_default=True),
         click.option("--batch-size", default=batch_size, show_default=True),
@@ -394,11 +395,11 @@ def train_options(epochs: int, batch_size: int):
         click.option("--seed", default=0, show_default=True),
         click.option("--sampling", type=click.Choice(["one-per-anchor", "all"]), default="one-per-anchor",
                      show_default=True, help="one random caption per image per epoch, or every pair"),
-        click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+        click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default=lr_schedule, show_default=True,
                      help="cosine: linear warm-up over --lr-warmup of the steps, then cosine to 0; constant: the "
                           "paper's"),
         click.option("--lr-warmup", default=0.1, show_default=True, help="fraction of the steps warming up (cosine)"),
-        click.option("--select", type=click.Choice(["mean-rank", "rsum"]), default="mean-rank", show_default=True,
+        click.option("--select", type=click.Choice(["mean-rank", "rsum"]), default=select, show_default=True,
                      help="validation signal that picks the kept epoch: mean rank of the true partner (both ways) "
                           "or R@1+R@5+R@10 (both ways)"),
         click.option("--device", default="cpu", show_default=True),
@@ -450,7 +451,7 @@ def _train_config(warmup_epochs: int = 0, no_tensorboard: bool = False, **kwargs
                    "(docs/training.md); --no-pooled-skip is the paper's UP")
 @click.option("--dropout", default=0.1, show_default=True, help="UP / DFE dropout")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
-@train_options(epochs=30, batch_size=128)
+@train_options(epochs=30, batch_size=128, lr_schedule="cosine", select="mean-rank")
 @loss_options
 @friendly_errors
 def fit_up(image_store, text_store, out, head, fusion, blocks, width, pooled_skip, dropout, resume, overwrite,

@@ -46,15 +46,19 @@ class TrainConfig:
     seed: int = 0
     sampling: str = "one-per-anchor"
     warmup_epochs: int = 0  # epochs with one-hot targets before the soft targets take over
-    # Learning-rate schedule per step: "cosine" (linear warm-up over lr_warmup of the steps, then cosine to 0, as
-    # open_clip trains) or "constant" (the paper's). docs/training.md measures both.
-    lr_schedule: str = "cosine"
+    # Learning-rate schedule per step: "constant" (the paper's) or "cosine" (linear warm-up over lr_warmup of the
+    # steps, then cosine to 0, as open_clip trains). fit-up defaults to cosine (FIT_UP_SCHEDULE, docs/training.md).
+    lr_schedule: str = "constant"
     lr_warmup: float = 0.1
-    # What picks the kept epoch on the validation split: "mean-rank" (mean rank of the true partner, both ways;
-    # smooth, so it tracks held-out recall on small sets) or "rsum" (sum of R@1/5/10 both ways).
-    select: str = "mean-rank"
+    # What picks the kept epoch on the validation split: "rsum" (sum of R@1/5/10 both ways) or "mean-rank" (mean
+    # rank of the true partner, both ways; finer on small validation splits; fit-up's default).
+    select: str = "rsum"
     device: str = "cpu"
     tensorboard: bool = True  # also mirror metrics.jsonl into RUN/tb/ event files
+
+
+# fit-up's own defaults (docs/training.md); fit-al and the other loops keep TrainConfig's (the paper's).
+FIT_UP_SCHEDULE = {"lr_schedule": "cosine", "select": "mean-rank"}
 
 
 @dataclass
@@ -337,7 +341,7 @@ def fit_up(
     for store, modality in ((images, "image"), (texts, "text")):
         if store.modality != modality:
             raise TrainingError(f"store {store.path} holds {store.modality!r} features, not {modality!r}")
-    train, loss = train or TrainConfig(), loss or LossConfig()
+    train, loss = train or TrainConfig(**FIT_UP_SCHEDULE), loss or LossConfig()
     run = RunDir(out, tensorboard=train.tensorboard)
     stores = {"image": store_record(images), "text": store_record(texts)}
     if resume and run.exists():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from toy_stores import make_toy_pair
 
 from pipeline.evaluate import check_compatible, evaluate_retrieval
-from pipeline.fit import LossConfig, TrainConfig, TrainingError, fit_up
+from pipeline.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, TrainingError, fit_up
 from pipeline.metrics import query_metrics, ranks_of_first_match, topk_accuracy
 from pipeline.pairs import PairingError, Pairs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
 from pipeline.rundir import RunDir, RunError
@@ -89,8 +89,7 @@ def test_fit_up_learns_a_separable_toy_set_and_writes_the_run(tmp_path):
 
 def test_resume_gives_the_same_run_as_uninterrupted(tmp_path):
     image_store, text_store = make_toy_pair(tmp_path, n_images=40)
-    # A constant lr: a cosine schedule is planned over --epochs, so resuming with more epochs re-plans its tail.
-    train = {"batch_size": 16, "val_fraction": 0.2, "seed": 3, "lr_schedule": "constant"}
+    train = {"batch_size": 16, "val_fraction": 0.2, "seed": 3}
     fit_up(image_store, text_store, tmp_path / "straight", **SMALL, train=TrainConfig(epochs=4, **train),
            progress=False)
     fit_up(image_store, text_store, tmp_path / "resumed", **SMALL, train=TrainConfig(epochs=2, **train),
@@ -104,17 +103,17 @@ def test_resume_gives_the_same_run_as_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_default_schedule_warms_up_then_decays_and_selection_keeps_the_best_mean_rank(tmp_path):
+def test_fit_up_schedule_warms_up_then_decays_and_selection_keeps_the_best_mean_rank(tmp_path):
     image_store, text_store = make_toy_pair(tmp_path, n_images=40)
     run = tmp_path / "run"
-    fit_up(image_store, text_store, run, **SMALL, train=TrainConfig(epochs=8, batch_size=8, val_fraction=0.25),
+    # 30 training images in batches of 8: 4 steps per epoch, 32 in all; a quarter of them (2 epochs) warm up.
+    fit_up(image_store, text_store, run, **SMALL, train=TrainConfig(epochs=8, batch_size=8, val_fraction=0.25,
+                                                                    lr_warmup=0.25, **FIT_UP_SCHEDULE),
            progress=False)
     metrics = RunDir(run).metrics()
-    lrs = [m["lr"] for m in metrics]  # after each epoch's last step; 30 train images: 4 steps per epoch
-    peak = lrs.index(max(lrs))
-    assert 0 < peak < 3 and max(lrs) <= 1e-3
-    assert lrs[peak:] == sorted(lrs[peak:], reverse=True) and lrs[-1] < 0.01 * max(lrs)
-    assert lrs[0] < max(lrs)  # the first epoch is still warming up
+    lrs = [m["lr"] for m in metrics]  # after each epoch's last step
+    assert lrs[0] == pytest.approx(5 / 8 * 1e-3) and lrs[1] == pytest.approx(1e-3)  # linear warm-up over 8 steps
+    assert lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
     # The kept weights are those of the epoch with the lowest validation mean rank (the first of ties).
     ranks = [m["val"]["mean_rank"] for m in metrics]
     kept = max(m["epoch"] for m in metrics if m.get("saved"))

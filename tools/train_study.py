@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.embed import embed_store  # noqa: E402
-from pipeline.fit import LossConfig, TrainConfig, fit_up  # noqa: E402
+from pipeline.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, fit_up  # noqa: E402
 from pipeline.metrics import bidirectional_retrieval  # noqa: E402
 from pipeline.pairs import pair_stores  # noqa: E402
 from stores import FeatureStore  # noqa: E402
@@ -37,24 +37,27 @@ PAPER = {"head": "up", "head_options": {"pooled_skip": False}, "train": {"lr_sch
 CONFIGS = {
     "linear": {"head": "linear", "head_options": {}, "train": {"lr_schedule": "constant", "select": "rsum"},
                "loss": {}},
-    "linear-cos": {"head": "linear", "head_options": {}, "train": {}, "loss": {}},
+    "linear-cos": {"head": "linear", "head_options": {}, "train": FIT_UP_SCHEDULE, "loss": {}},
     "up-paper": PAPER,
-    "up-cos": {**PAPER, "train": {"select": "rsum"}},
-    "up-cos-b32": {**PAPER, "train": {"select": "rsum", "batch_size": 32}},
-    "up-skip": {**PAPER, "head_options": {"pooled_skip": True}, "train": {"select": "rsum"}},
-    "up-skip-b32": {**PAPER, "head_options": {"pooled_skip": True}, "train": {"select": "rsum", "batch_size": 32}},
-    "up-skip-1b": {**PAPER, "head_options": {"pooled_skip": True}, "blocks": 1, "train": {"select": "rsum"}},
+    "up-cos": {**PAPER, "train": {"lr_schedule": "cosine"}},
+    "up-cos-b32": {**PAPER, "train": {"lr_schedule": "cosine", "batch_size": 32}},
+    "up-skip": {**PAPER, "head_options": {"pooled_skip": True}, "train": {"lr_schedule": "cosine"}},
+    "up-skip-b32": {**PAPER, "head_options": {"pooled_skip": True},
+                    "train": {"lr_schedule": "cosine", "batch_size": 32}},
+    "up-skip-1b": {**PAPER, "head_options": {"pooled_skip": True}, "blocks": 1, "train": {"lr_schedule": "cosine"}},
     "up-skip-wd": {**PAPER, "head_options": {"pooled_skip": True},
-                   "train": {"select": "rsum", "weight_decay": 0.1}},
-    "up-skip-do3": {**PAPER, "head_options": {"pooled_skip": True, "dropout": 0.3}, "train": {"select": "rsum"}},
-    "up-skip-tok": {**PAPER, "head_options": {"pooled_skip": True, "pool": "token"}, "train": {"select": "rsum"}},
-    "up-skip-t10": {**PAPER, "head_options": {"pooled_skip": True}, "train": {"select": "rsum"},
+                   "train": {"lr_schedule": "cosine", "weight_decay": 0.1}},
+    "up-skip-do3": {**PAPER, "head_options": {"pooled_skip": True, "dropout": 0.3},
+                    "train": {"lr_schedule": "cosine"}},
+    "up-skip-tok": {**PAPER, "head_options": {"pooled_skip": True, "pool": "token"},
+                    "train": {"lr_schedule": "cosine"}},
+    "up-skip-t10": {**PAPER, "head_options": {"pooled_skip": True}, "train": {"lr_schedule": "cosine"},
                     "loss": {"init_temperature": 0.1}},
-    "up-1b": {**PAPER, "blocks": 1, "train": {"select": "rsum"}},
-    "up-do3": {**PAPER, "head_options": {"pooled_skip": False, "dropout": 0.3}, "train": {"select": "rsum"}},
-    "up-tok": {**PAPER, "head_options": {"pooled_skip": False, "pool": "token"}, "train": {"select": "rsum"}},
-    "up-skip-cos": {**PAPER, "head_options": {"pooled_skip": True}, "train": {}},  # cosine + mean-rank selection
-    "default": {"head": "up", "head_options": {}, "train": {}, "loss": {}},  # whatever fit-up defaults to now
+    "up-1b": {**PAPER, "blocks": 1, "train": {"lr_schedule": "cosine"}},
+    "up-do3": {**PAPER, "head_options": {"pooled_skip": False, "dropout": 0.3}, "train": {"lr_schedule": "cosine"}},
+    "up-tok": {**PAPER, "head_options": {"pooled_skip": False, "pool": "token"}, "train": {"lr_schedule": "cosine"}},
+    "up-skip-cos": {**PAPER, "head_options": {"pooled_skip": True}, "train": FIT_UP_SCHEDULE},
+    "default": {"head": "up", "head_options": {}, "train": FIT_UP_SCHEDULE, "loss": {}},  # fit-up's defaults now
 }
 
 
