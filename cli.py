@@ -464,8 +464,9 @@ _text_manifest_command("textcls", "text", "Any TSV/CSV/JSONL file or folder of t
 
 
 # ---- fit ---------------------------------------------------------------------------------------------------------
-def train_options(epochs: int, batch_size: int):
-    """Options every fit stage shares (defaults differ: the paper's step 2 uses 100 epochs of batch 64)."""
+def train_options(epochs: int, batch_size: int, lr_schedule: str = "constant", select: str = "rsum"):
+    """Options every fit stage shares (defaults differ: the paper's step 2 uses 100 epochs of batch 64; fit-up's
+    schedule and selection are ours, docs/training.md)."""
     options = [
         click.option("--epochs", default=epochs, show_default=True),
         click.option("--batch-size", default=batch_size, show_default=True),
@@ -475,6 +476,13 @@ def train_options(epochs: int, batch_size: int):
         click.option("--seed", default=0, show_default=True),
         click.option("--sampling", type=click.Choice(["one-per-anchor", "all"]), default="one-per-anchor",
                      show_default=True, help="one random caption per image per epoch, or every pair"),
+        click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default=lr_schedule, show_default=True,
+                     help="cosine: linear warm-up over --lr-warmup of the steps, then cosine to 0; constant: the "
+                          "paper's"),
+        click.option("--lr-warmup", default=0.1, show_default=True, help="fraction of the steps warming up (cosine)"),
+        click.option("--select", type=click.Choice(["mean-rank", "rsum"]), default=select, show_default=True,
+                     help="validation signal that picks the kept epoch: mean rank of the true partner (both ways) "
+                          "or R@1+R@5+R@10 (both ways)"),
         click.option("--device", default="cpu", show_default=True),
         click.option("--resume", is_flag=True, help="continue the run from its last checkpoint"),
         click.option("--strict-pairs", is_flag=True,
@@ -557,8 +565,12 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
               help="freeze-align: the image tokens start with a CLS token, which gets its own projector branch (the "
                    "paper's vision projector) instead of being averaged with the patches; auto: yes for image stores "
                    "of encoders that prepend one (ViT, DeiT, BEiT, DINOv2, CLIP, ...)")
+@click.option("--pooled-skip/--no-pooled-skip", default=True, show_default=True,
+              help="UP: add a linear path from the mean-pooled tokens, the UP's output gated in from 0 "
+                   "(docs/training.md); --no-pooled-skip is the paper's UP")
+@click.option("--dropout", default=0.1, show_default=True, help="UP / DFE dropout")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
-@train_options(epochs=30, batch_size=128)
+@train_options(epochs=30, batch_size=128, lr_schedule="cosine", select="mean-rank")
 @loss_options
 @preset_option("fit-up")
 @friendly_errors
@@ -577,10 +589,12 @@ def fit_up(**options) -> None:
     given = {k: o.pop(k) for k in ("image_store", "text_store", "out", "head", "width", "blocks", "fusion", "resume",
                                    "overwrite")}
     cls_token = {"auto": None, "yes": True, "no": False}[o.pop("cls_token")]
+    pooled_skip, head_options = o.pop("pooled_skip"), {"dropout": o.pop("dropout")}
     o.pop("preset", None)
     with session(o.pop("device")) as device:  # joins torchrun's group when launched by it
         summary = run_fit_up(given.pop("image_store"), given.pop("text_store"), given.pop("out"), **given,
-                             cls_token=cls_token, loss=loss, preset=preset, train=_train_config(**o, device=device))
+                             cls_token=cls_token, pooled_skip=pooled_skip, head_options=head_options, loss=loss,
+                             preset=preset, train=_train_config(**o, device=device))
         if is_main():
             click.echo(f"run written to {summary['run']}")
 
@@ -709,14 +723,16 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
     """The paper's "Base" baseline: the same pairs and loss, encoders trained end to end from raw media (not from
     cache). Writes a run that eval retrieval reads from stores extracted with RUN/encoders/{image,text}."""
     from pipeline.base import fit_base as run_fit_base
-    from pipeline.fit import LossConfig
+    from pipeline.fit import FIT_UP_SCHEDULE, LossConfig
 
     summary = run_fit_base(
         image_encoder, text_encoder, image_manifest, text_manifest, out, head=head, width=width, blocks=blocks,
         fusion=fusion, encoder_lr=encoder_lr,
         loss=LossConfig(kind=loss_kind, init_temperature=temperature, target_mix=target_mix),
+        # The weights are chosen by fit-up's rule, so the Base baseline and the UP compare on equal terms.
         train=_train_config(warmup_epochs, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                            val_fraction=val_fraction, seed=seed, sampling=sampling, device=device),
+                            val_fraction=val_fraction, seed=seed, sampling=sampling, device=device,
+                            select=FIT_UP_SCHEDULE["select"]),
         overwrite=overwrite)
     click.echo(f"run written to {summary['run']}; fine-tuned encoders: {summary['encoders']['image']}, "
                f"{summary['encoders']['text']}")
@@ -731,8 +747,9 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
                    "default: pair by ref/ids like fit-up, one pair per image")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for cka.json and the heatmap cka.png")
-@click.option("--estimator", type=click.Choice(["auto", "full", "minibatch"]), default="auto", show_default=True,
-              help="auto: full-batch when the pooled features fit in --memory-gb, else minibatch (unbiased)")
+@click.option("--estimator", type=click.Choice(["auto", "full", "minibatch"]), default="minibatch", show_default=True,
+              help="minibatch: unbiased HSIC (one batch when the pairs fit in --batch-size); full: the biased "
+                   "full-batch estimator (scores noise high on few pairs); auto: full when it fits in --memory-gb")
 @click.option("--batch-size", default=1024, show_default=True, help="rows per minibatch of the minibatch estimator")
 @click.option("--memory-gb", type=float, default=None, help="memory the full estimator may use (default: the store "
                                                             "RAM budget, ONEENCODER_RAM_BUDGET_GB or 4)")

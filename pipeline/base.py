@@ -21,7 +21,7 @@ The re-extraction at the end records in ``config.json`` what a store made by the
 a held-out set is evaluated by extracting it with ``--encoder RUN/encoders/image`` (and ``.../text``) and running
 ``eval retrieval --run RUN`` on those stores; a store made with the original (frozen) encoders is refused. The
 weights kept (encoders, head and temperature) are chosen by the rule every trainer uses,
-:data:`pipeline.fit.SELECTION_RULE` (best validation rsum), recorded in the stage; the encoders are written when an
+:func:`pipeline.fit.selection_rule` (``TrainConfig.select``, fit-up's by default), recorded in the stage; the encoders are written when an
 epoch improves on the best, so only one copy of them is ever on disk.
 """
 
@@ -42,12 +42,14 @@ from torch import nn
 from extract.encoders import HFImageEncoder, HFTextEncoder, load_encoder
 from extract.manifest import Item, read_manifest
 from pipeline.fit import (
-    SELECTION_RULE,
     LossConfig,
     TrainConfig,
     TrainingError,
+    add_selection_scores,
     head_config,
     optimiser_step,
+    selection_rule,
+    selection_score,
     store_record,
 )
 from pipeline.metrics import bidirectional_retrieval
@@ -212,7 +214,7 @@ def fit_base(
         val = _validate(image_enc, text_enc, model, images, texts, val_pairs, device, train.batch_size)
         record = {"stage": STAGE, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,
                   "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3), "val": val}
-        score = val.get("rsum", float(epoch))  # SELECTION_RULE, as run_stage: the last epoch without validation
+        score = selection_score(val, train.select, epoch)  # as run_stage: the last epoch without validation
         if score > best:
             best, best_epoch = score, epoch
             record["saved"] = True
@@ -240,7 +242,7 @@ def fit_base(
         "modalities": {m: {"store": stores[m], "stage": STAGE, "status": "aligned", "encoder": f"encoders/{m}"}
                        for m in ("image", "text")},
         "stages": [{"name": STAGE, "anchor": "image", "partner": "text", "train": asdict(train),
-                    "selection": {"rule": SELECTION_RULE, "epoch": best_epoch, "score": best},
+                    "selection": {"rule": selection_rule(train.select), "epoch": best_epoch, "score": best},
                     "encoder_lr": encoder_lr, "trained_encoders": {"image": image_encoder, "text": text_encoder},
                     "image_manifest": str(Path(image_manifest).resolve()),
                     "text_manifest": str(Path(text_manifest).resolve())}],
@@ -274,6 +276,4 @@ def _validate(image_enc: Any, text_enc: Any, model: nn.Module, images: list[Item
     relevance = pairs.relevance()
     a = _embed(image_enc, model, "image", [images[i] for i in relevance.anchors], device, batch_size)
     b = _embed(text_enc, model, "text", [texts[j] for j in relevance.partners], device, batch_size)
-    metrics = bidirectional_retrieval(a, b, relevance, "image", "text")
-    metrics["rsum"] = sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
-    return metrics
+    return add_selection_scores(bidirectional_retrieval(a, b, relevance, "image", "text"))

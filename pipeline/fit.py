@@ -7,10 +7,12 @@ held-out split each epoch, writes metrics, keeps the best weights and checkpoint
 
 from __future__ import annotations
 
+import ctypes
 import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from torch import nn
 from pipeline import distributed
 from pipeline.embed import embed_store
 from pipeline.metrics import bidirectional_retrieval
-from pipeline.pairs import Pairs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
+from pipeline.pairs import Pairs, check_pivot_refs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
 from pipeline.prefetch import prefetched, to_device, token_batch
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, RunError
@@ -46,9 +48,20 @@ class TrainConfig:
     seed: int = 0
     sampling: str = "one-per-anchor"
     warmup_epochs: int = 0  # epochs with one-hot targets before the soft targets take over
+    # Learning-rate schedule per step: "constant" (the paper's) or "cosine" (linear warm-up over lr_warmup of the
+    # steps, then cosine to 0, as open_clip trains). fit-up defaults to cosine (FIT_UP_SCHEDULE, docs/training.md).
+    lr_schedule: str = "constant"
+    lr_warmup: float = 0.1
+    # What picks the kept epoch on the validation split: "rsum" (sum of R@1/5/10 both ways) or "mean-rank" (mean
+    # rank of the true partner, both ways; finer on small validation splits; fit-up's default).
+    select: str = "rsum"
     device: str = "cpu"
     tensorboard: bool = True  # also mirror metrics.jsonl into RUN/tb/ event files
     strict_pairs: bool = False  # refuse items whose partner is absent (e.g. failed extraction) instead of dropping them
+
+
+# fit-up's own defaults (docs/training.md); fit-al and the other loops keep TrainConfig's (the paper's).
+FIT_UP_SCHEDULE = {"lr_schedule": "cosine", "select": "mean-rank"}
 
 
 @dataclass
@@ -78,9 +91,27 @@ def store_record(store: FeatureStore) -> dict:
             "layout": store.layout, "items": len(store), "encoder_spec": (store.meta.summary or {}).get("encoder_spec")}
 
 
-# How every trainer (fit-up, fit-al, fit-base) chooses the weights it keeps; recorded with each stage.
-SELECTION_RULE = ("best validation rsum (R@1 + R@5 + R@10, both directions, on the held-out anchors); "
-                  "the last epoch when there is no validation split")
+# How every trainer (fit-up, fit-al, fit-base) chooses the weights it keeps, by TrainConfig.select; recorded with
+# each stage.
+SELECTION_RULES = {
+    "rsum": "best validation rsum (R@1 + R@5 + R@10, both directions, on the held-out anchors)",
+    "mean-rank": "lowest validation mean rank of the true partner (mean of both directions, on the held-out anchors)",
+}
+
+
+def selection_rule(select: str) -> str:
+    """The recorded wording of the rule ``select`` names."""
+    return SELECTION_RULES[select] + "; the last epoch when there is no validation split"
+
+
+def add_selection_scores(metrics: dict) -> dict:
+    """Add the scores :func:`selection_score` reads (``rsum``, ``mean_rank``) to validation retrieval metrics."""
+    directions = [m for m in metrics.values() if isinstance(m, dict)]
+    metrics["rsum"] = sum(m[k] for m in directions for k in ("R@1", "R@5", "R@10"))
+    metrics["mean_rank"] = float(np.mean([m["mean_rank"] for m in directions]))
+    return metrics
+
+
 # What --resume lets differ from the recorded configuration: how long and where to train, not what is trained.
 RESUME_MAY_CHANGE = frozenset({"epochs", "device", "tensorboard"})
 _FLAGS = {"loss_kind": "--loss", "tensorboard": "--no-tensorboard"}
@@ -102,7 +133,7 @@ def recorded_options(config: dict, stage_name: str) -> dict[str, Any]:
         loss, model = config["loss"], config["model"]
         options.update(head=config["head"], loss_kind=loss["kind"], temperature=loss["init_temperature"],
                        target_mix=loss["target_mix"])
-        options.update({k: model[k] for k in ("width", "blocks", "fusion") if k in model})
+        options.update({k: model[k] for k in ("width", "blocks", "fusion", "pooled_skip", "dropout") if k in model})
         cls = (model.get("cls_token") or {}).get("image")
         if cls is not None:
             options["cls_token"] = "yes" if cls else "no"
@@ -128,7 +159,7 @@ def record_selection(config: dict, stage_name: str, summary: dict) -> None:
     if "selected_epoch" not in summary:  # a resumed run that had already finished keeps its record
         return
     stage = next(s for s in config["stages"] if s["name"] == stage_name)
-    stage["selection"] = {"rule": SELECTION_RULE, "epoch": summary["selected_epoch"],
+    stage["selection"] = {"rule": selection_rule(stage["train"].get("select", "rsum")), "epoch": summary["selected_epoch"],
                           "score": summary["selected_score"]}
 
 
@@ -154,11 +185,38 @@ def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> tuple[dict, list[
         a = a[np.searchsorted(relevance.anchors, kept.anchors)]
         b = b[np.searchsorted(relevance.partners, kept.partners)]
         relevance = kept
-    metrics: dict = bidirectional_retrieval(a, b, relevance, stage.anchor, stage.partner)
-    metrics["rsum"] = sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
+    metrics = add_selection_scores(bidirectional_retrieval(a, b, relevance, stage.anchor, stage.partner))
     if bad:
         metrics["nonfinite"] = len(bad)
     return metrics, bad
+
+
+LR_SCHEDULES = ("cosine", "constant")
+SELECTIONS = ("mean-rank", "rsum")
+
+
+def selection_score(val: dict, select: str, epoch: int) -> float:
+    """Higher is better. Without validation the last epoch wins."""
+    if not val:
+        return float(epoch)
+    if select == "mean-rank":
+        return -val["mean_rank"]
+    if select == "rsum":
+        return val["rsum"]
+    raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based) of ``total``."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    warm = max(1, round(warmup * total)) if warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched: tuple, batch_len: int,
@@ -198,10 +256,37 @@ def _report_dropped(run: RunDir, stage: Stage, pairs: Pairs) -> None:
           file=sys.stderr, flush=True)
 
 
+# glibc's mallopt parameter number of M_MMAP_THRESHOLD.
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory_to_the_os(threshold_bytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold_bytes`` or more with its own mmap, unmapped when freed.
+
+    A training step allocates and frees about 1 GB of activations (UP, batch 128 x 49 tokens). glibc raises its mmap
+    threshold each time such a block is freed (up to 32 MiB), so later blocks come from its heaps, which keep freed
+    memory: the process then holds ~2 GB after a few steps and more as the heaps fragment, for a 45 MB store
+    (docs/training.md, memory). A fixed threshold keeps the resident size at the stores plus the model between
+    steps. Returns False where the C library is not glibc (nothing changes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: Stage, resume: bool,
-              progress: bool = True) -> dict:
-    """Train ``stage`` and return its closing summary. The run config must already be written."""
+              progress: bool = True, on_epoch: Callable[[int, nn.Module], dict] | None = None) -> dict:
+    """Train ``stage`` and return its closing summary. The run config must already be written.
+
+    ``on_epoch(epoch, model)``: extra numbers recorded under ``monitor`` in the epoch's metrics (e.g. recall on a
+    held-out set, for studying model selection); it never influences training or selection."""
     cfg = stage.train
+    if cfg.select not in SELECTIONS:
+        raise TrainingError(f"select must be one of {SELECTIONS}, got {cfg.select!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    return_freed_memory_to_the_os()
     pairs, train_pairs, val_pairs = checked_pairs(stage.anchor_store, stage.partner_store, cfg)
     if pairs.dropped and distributed.is_main():
         _report_dropped(run, stage, pairs)
@@ -214,12 +299,18 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
         p.requires_grad_(not names or n in names)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     mix_after_warmup = loss_fn.target_mix
+    steps_per_epoch = epoch_steps(train_pairs, cfg.batch_size, cfg.sampling)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.lr_schedule, cfg.lr_warmup))
 
     start_epoch, best, best_epoch = 1, -math.inf, 0
     state = run.checkpoint_state() if resume else None
     if state is not None and state.get("stage") == stage.name:  # an earlier stage's checkpoint is not ours
         run.load_checkpoint_weights(model, loss_fn)
         optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
         done = int(state["epoch"])
@@ -237,7 +328,6 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     # frozen means frozen: a frozen UP must give the pivot the same embedding every step.
     modules = dict(model.named_modules())
     trainable_owners = sorted({owner for n in names if (owner := ".".join(n.split(".")[:2])) in modules})
-    steps_per_epoch = epoch_steps(train_pairs, cfg.batch_size, cfg.sampling)
     pin = torch.device(cfg.device).type == "cuda"
     # Under torchrun each rank reads and embeds only its contiguous slice of every global batch; the embeddings are
     # gathered with gradients, so the loss (and its gradient) is that of the whole global batch (pipeline/distributed).
@@ -278,6 +368,7 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
             value = optimiser_step(optimizer, loss, f"at epoch {epoch}, step {step + 1}",
                                    f"the last good checkpoint in {run.checkpoints} is intact; lower --lr or check "
                                    "the stores for non-finite values")
+            scheduler.step()
             loss_fn.clamp_temperature_()
             total += value * len(a_idx)
             count += len(a_idx)
@@ -285,11 +376,13 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
         record = {
             "stage": stage.name, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,
             "target_mix": loss_fn.target_mix, "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3),
-            "val": val,
+            "lr": optimizer.param_groups[0]["lr"], "val": val,
         }
         if nonfinite:
             record["val_nonfinite_ids"] = nonfinite[:20]
-        score = val.get("rsum", float(epoch))  # SELECTION_RULE: without validation the last epoch is kept
+        if on_epoch is not None and main:
+            record["monitor"] = on_epoch(epoch, model)
+        score = selection_score(val, cfg.select, epoch)  # without validation the last epoch is kept
         if score > best:
             best, best_epoch = score, epoch
             record["saved"] = True
@@ -299,6 +392,7 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
             run.append_metrics(record)
             run.save_checkpoint(model, loss_fn, {"stage": stage.name, "epoch": epoch, "best": best,
                                                  "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
+                                                 "scheduler": scheduler.state_dict(),
                                                  "rng": torch.get_rng_state()},
                                 tag=f"epoch-{epoch:04d}")
         if progress and main:
@@ -349,15 +443,20 @@ def fit_up(
     blocks: int = 4,
     fusion: str = "add",
     cls_token: bool | None = None,
+    pooled_skip: bool = True,
     loss: LossConfig | None = None,
     train: TrainConfig | None = None,
+    head_options: dict | None = None,
     preset: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    on_epoch: Callable[[int, nn.Module], dict] | None = None,
 ) -> dict:
     """Step 1 (Algorithm 1): train the Universal Projection (or another registered ``head``: dfe, freeze-align,
-    linear) on image-text pairs read from two stores. ``blocks`` and ``fusion`` apply to heads that have them.
+    linear) on image-text pairs read from two stores. ``blocks``, ``fusion``, ``pooled_skip`` (UPConfig; False:
+    the paper's UP) and ``head_options`` (other config fields, e.g. ``dropout``, ``pool``) apply to heads that have
+    them. ``on_epoch``: see :func:`run_stage`.
 
     ``cls_token`` (freeze-align): whether the image tokens start with a CLS token, which then gets the projector's
     own CLS branch instead of being averaged with the patches; None: read from the image store (an encoder known to
@@ -371,11 +470,12 @@ def fit_up(
     for store, modality in ((images, "image"), (texts, "text")):
         if store.modality != modality:
             raise TrainingError(f"store {store.path} holds {store.modality!r} features, not {modality!r}")
-    train, loss = train or TrainConfig(), loss or LossConfig()
+    train, loss = train or TrainConfig(**FIT_UP_SCHEDULE), loss or LossConfig()
     checked_pairs(images, texts, train)  # every input is checked before the run directory is touched
     cls = image_tokens_start_with_cls(images.identity) if cls_token is None else bool(cls_token)
     model_config = head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
-                               fusion=fusion, cls_token={"image": cls}).to_dict()
+                               fusion=fusion, cls_token={"image": cls}, pooled_skip=pooled_skip,
+                               **(head_options or {})).to_dict()
     run = RunDir(out, tensorboard=train.tensorboard)
     stores = {"image": store_record(images), "text": store_record(texts)}
     stage_record: dict[str, Any] = {"name": "fit-up", "anchor": "image", "partner": "text", "train": asdict(train)}
@@ -417,7 +517,7 @@ def fit_up(
     torch.manual_seed(train.seed)  # before building: initial weights follow --seed
     head, loss_fn = RunDir.build(config)
     stage = Stage("fit-up", "image", "text", images, texts, train)
-    summary = run_stage(run, head, loss_fn, stage, resume=resume, progress=progress)
+    summary = run_stage(run, head, loss_fn, stage, resume=resume, progress=progress, on_epoch=on_epoch)
     if distributed.is_main():
         config = run.read_config()
         for name in stores:
@@ -467,6 +567,7 @@ def fit_al(
     check_compatible(config, pivot, pivot_features)
     if new.modality != modality:
         raise TrainingError(f"store {new.path} holds {new.modality!r} features, not {modality!r}")
+    check_pivot_refs(new, pivot_features)
     checked_pairs(pivot_features, new, train)  # before the config or weights are touched
     record = config["modalities"].get(modality)
     stage_name = f"fit-al:{modality}"

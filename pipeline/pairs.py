@@ -125,7 +125,30 @@ def pair_stores(anchor: FeatureStore, partner: FeatureStore, absent: str = "erro
     return Pairs(np.asarray(shared), np.asarray([partner.index_of(anchor.ids[i]) for i in shared]))
 
 
+def check_pivot_refs(new: FeatureStore, pivot: FeatureStore) -> None:
+    """Refuse a new modality whose items ``ref`` pivot *items* that themselves ``ref`` a third modality's items
+    (a spoken caption naming its written caption, which names the image).
+
+    Such a store trains against the pivot, but it could never be evaluated against that third modality: pairs
+    are one ref deep (:func:`pair_stores`), and the new items share no ref with the third modality's items. The
+    error says how to write the manifest instead: ref what the pivot item refs (the image), so the new items pair
+    with the pivot through the shared ref and with the third modality directly.
+    """
+    if new.refs is None or pivot.refs is None:
+        return
+    for i, ref in enumerate(new.refs):
+        j = pivot._index.get(ref) if ref is not None else None
+        if j is not None and pivot.refs[j] is not None:
+            raise PairingError(
+                f"{new.path}: item {new.ids[i]!r} refs {pivot.modality} item {ref!r}, which itself refs "
+                f"{pivot.refs[j]!r}; {new.modality} would train but could never be paired with what {ref!r} refs "
+                f"(pairs are one ref deep). Write ref {pivot.refs[j]!r} (the item the {pivot.modality} refs) in the "
+                f"{new.modality} manifest instead: it then pairs with the {pivot.modality} through the shared ref"
+            )
+
+
 def _match(referring: FeatureStore, target_index: dict[str, int], order, absent: str) -> Pairs | None:
+
     """Pairs from ``referring``'s refs into ``target_index``; None when no ref resolves at all."""
     if referring.refs is None:
         return None

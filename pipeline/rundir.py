@@ -101,9 +101,9 @@ def _load_weights(model: nn.Module, loss: nn.Module, path: Path) -> None:
 
 
 def tensorboard_scalars(record: dict) -> dict[str, float]:
-    """The scalars of one metrics record, by TensorBoard tag: ``loss``, ``temperature``, ``target_mix``,
+    """The scalars of one metrics record, by TensorBoard tag: ``loss``, ``temperature``, ``target_mix``, ``lr``,
     ``seconds``, and every number of the validation dict as ``val/<direction>/<metric>`` (``val/rsum``)."""
-    out = {name: float(record[name]) for name in ("loss", "temperature", "target_mix", "seconds")
+    out = {name: float(record[name]) for name in ("loss", "temperature", "target_mix", "lr", "seconds")
            if isinstance(record.get(name), (int, float)) and not isinstance(record.get(name), bool)}
 
     def add(prefix: str, value) -> None:

@@ -49,6 +49,9 @@ class UPConfig(ConfigMixin):
     pool: str = "mean"
     # modality -> adapter kind (see ADAPTER_KINDS); modalities left out get "projection".
     adapters: dict[str, str] = field(default_factory=dict)
+    # A residual linear path: embedding = Linear_m(masked mean of the raw tokens) + gate * UP(...), gate starting
+    # at 0, so training starts from a linear head and the UP adds what it can (docs/training.md). False: the paper.
+    pooled_skip: bool = False
 
     def __post_init__(self) -> None:
         check_transformer_config(self, ("width", "blocks", "heads", "ff_mult", "modality_tokens"))
@@ -264,13 +267,22 @@ class OneEncoder(Head):
             modality_tokens=c.modality_tokens,
             pool=c.pool,
         )
+        if c.pooled_skip:
+            self.skips = nn.ModuleDict({m: nn.Linear(d, c.width) for m, d in c.input_dims.items()})
+            self.up_gate = nn.Parameter(torch.zeros(()))
 
     def _encode(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
-        return self.up(modality, self.adapters[modality](tokens), mask)
+        out = self.up(modality, self.adapters[modality](tokens), mask)
+        if self.config.pooled_skip:
+            out = self.skips[modality](masked_mean(tokens, mask)) + self.up_gate * out
+        return out
 
     def _modality_prefixes(self, modality: str) -> tuple[str, ...]:
-        return (f"adapters.{modality}", f"up.modality_tokens.{modality}")
+        skip = (f"skips.{modality}",) if self.config.pooled_skip else ()
+        return (f"adapters.{modality}", f"up.modality_tokens.{modality}", *skip)
 
     def _build_modality(self, config: UPConfig, name: str, device: torch.device) -> None:
         self.adapters[name] = _make_adapter(config, name).to(device)
         self.up.add_modality_token(name, device=device)
+        if config.pooled_skip:
+            self.skips[name] = nn.Linear(config.input_dims[name], config.width).to(device)

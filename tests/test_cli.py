@@ -75,8 +75,19 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
         "--epochs", 3, "--batch-size", 16, "--width", 32, "--blocks", 1, "--fusion", "attention", "--loss", "soft")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all("R@10" in m["val"]["image->text"] for m in metrics)
-    assert (run / "model.safetensors").exists() and json.loads((run / "config.json").read_text())["model"]["fusion"] \
-        == "attention"
+    config = json.loads((run / "config.json").read_text())
+    assert (run / "model.safetensors").exists() and config["model"]["fusion"] == "attention"
+    # fit-up's defaults (docs/training.md): the UP with the pooled linear path, warm-up + cosine, mean-rank selection
+    train = config["stages"][0]["train"]
+    assert config["model"]["pooled_skip"] is True
+    assert (train["lr_schedule"], train["lr_warmup"], train["select"]) == ("cosine", 0.1, "mean-rank")
+    paper = tmp_path / "paper"
+    cli("fit-up", "--image-store", extracted["image"], "--text-store", extracted["text"], "--out", paper,
+        "--epochs", 1, "--batch-size", 16, "--width", 32, "--blocks", 1, "--no-pooled-skip", "--lr-schedule",
+        "constant", "--select", "rsum")
+    config = json.loads((paper / "config.json").read_text())
+    train = config["stages"][0]["train"]
+    assert config["model"]["pooled_skip"] is False and (train["lr_schedule"], train["select"]) == ("constant", "rsum")
     resumed = cli("fit-up", "--image-store", extracted["image"], "--text-store", extracted["text"], "--out", run,
                   "--epochs", 4, "--batch-size", 16, "--resume")
     assert "epoch   4" in resumed.stdout and "epoch   3" not in resumed.stdout

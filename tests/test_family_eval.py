@@ -134,17 +134,20 @@ def test_cka_command_ranks_identical_features_first_and_noise_near_zero(cka_stor
     lines = result.stdout.splitlines()
     ranked = [line.split() for line in lines if line.strip()[:1].isdigit()]
     assert ranked[0][1:3] == ["vit", "bert"] and float(ranked[0][3]) == pytest.approx(1.0, abs=1e-4)
-    assert "300 pairs (full estimator" in result.stdout
+    assert "300 pairs (minibatch estimator" in result.stdout  # the unbiased estimator by default
+    assert abs(float(ranked[0][4])) < 0.1 and "noise: the same estimator" in result.stdout  # the noise baseline
     report = json.loads((out / "cka.json").read_text())
     # Grouped by modality from the metadata, whatever the order on the command line: images are the rows.
     assert report["rows"]["modality"] == "image" and [r["name"] for r in report["rows"]["stores"]] == ["vit", "cnn"]
     assert [c["name"] for c in report["cols"]["stores"]] == ["bert", "noise"]
-    assert report["estimator"] == "full" and report["pairs"] == 300
-    matrix = report["matrix"]
+    assert report["estimator"] == "minibatch" and report["pairs"] == 300
+    full = store_cka([s["bert"], s["vit"], s["noise"], s["cnn"]], estimator="full")
+    matrix = full["matrix"]
     assert matrix[0][0] == pytest.approx(1.0, abs=1e-6)
     assert all(abs(v) < 0.1 for v in (matrix[0][1], matrix[1][0], matrix[1][1]))
     assert [r["cka"] for r in report["ranking"]] == sorted((r["cka"] for r in report["ranking"]), reverse=True)
-    # The cells are the library's linear CKA on the pooled features of each image and its first caption.
+    assert np.allclose(report["matrix"], matrix, atol=0.08)
+    # The full estimator's cells are the library's linear CKA on the pooled features of each image and its first caption.
     vit, noise = FeatureStore.open(s["vit"]), FeatureStore.open(s["noise"])
     first_captions = [noise.index_of(f"img{i}-cap0") for i in range(s["n"])]
     assert matrix[0][1] == pytest.approx(linear_cka(vit.pooled(), noise.pooled(first_captions)), abs=1e-9)
@@ -152,8 +155,9 @@ def test_cka_command_ranks_identical_features_first_and_noise_near_zero(cka_stor
         assert image.format == "PNG" and image.width > 100 and image.height > 80
     table = [[cell.strip() for cell in row.split("|")[1:-1]]
              for row in (out / "cka.md").read_text().splitlines() if row.startswith("| ")]
-    assert table[0] == ["rank", "image", "text", "CKA"] and set(table[1][0]) <= set("-: ")
-    assert table[2] == ["1", "vit", "bert", f"{report['ranking'][0]['cka']:.4f}"]
+    assert table[0] == ["rank", "image", "text", "CKA", "noise baseline"] and set(table[1][0]) <= set("-: ")
+    first = report["ranking"][0]
+    assert table[2] == ["1", "vit", "bert", f"{first['cka']:.4f}", f"{first['noise']:.4f}"]
     assert len(table) == 2 + len(report["ranking"])
 
 
@@ -177,6 +181,30 @@ def test_cka_minibatch_estimator_and_explicit_pairs(cka_stores, tmp_path):
     assert report["dropped"] == [{"store": "bert", "missing_ids": 1, "examples": ["nope"]}]
     assert "bert lacks 1 paired ids" in format_ranking(report)
     assert abs(report["ranking"][0]["cka"]) < 0.15  # now the pairs are unrelated
+
+
+def test_default_estimator_does_not_score_wide_noise_high_and_reports_the_noise_baseline(tmp_path):
+    """Fewer pairs than feature dimensions (as with 156 real images of 1280-wide tokens): the biased full-batch
+    estimator scores an unrelated noise store about as high as a related one; the default (unbiased) does not,
+    and each cell's noise baseline says how high noise alone scores with that estimator."""
+    g = _gen(11)
+    n = 120
+    latent = torch.randn(n, 6, generator=g)
+    ids = [f"img{i}" for i in range(n)]
+    words = latent @ torch.randn(6, 32, generator=g) + torch.randn(n, 32, generator=g)
+    text = write_store(tmp_path / "text", "text", words, [f"{i}-c" for i in ids], refs=ids, encoder="text")
+    real = write_store(tmp_path / "real", "image", latent @ torch.randn(6, 400, generator=g)
+                       + 2.0 * torch.randn(n, 400, generator=g), ids, encoder="real")
+    noise = write_store(tmp_path / "noise", "image", torch.randn(n, 400, generator=g), ids, encoder="noise")
+    biased = store_cka([real, noise, text], estimator="full")
+    by_name = {r["image"]: r for r in biased["ranking"]}
+    assert by_name["noise"]["cka"] > 0.3  # the defect: noise looks like a candidate
+    default = store_cka([real, noise, text])
+    assert default["estimator"] == "minibatch" and default["pairs"] == n
+    by_name = {r["image"]: r for r in default["ranking"]}
+    assert abs(by_name["noise"]["cka"]) < 0.1 and by_name["real"]["cka"] > 0.3
+    assert all(abs(r["noise"]) < 0.1 for r in default["ranking"])  # noise of each row store's width, same pairs
+    assert [r["image"] for r in default["ranking"]] == ["real", "noise"]
 
 
 def test_minibatch_matrix_equals_pairwise_minibatch_cka():

@@ -11,6 +11,7 @@ from toy_stores import make_toy_modality, make_toy_pair
 
 from pipeline.evaluate import EvaluationError, evaluate_retrieval, evaluate_zero_shot
 from pipeline.fit import LossConfig, TrainConfig, fit_al, fit_up
+from pipeline.pairs import PairingError
 from pipeline.rundir import RunDir, RunError
 
 SMALL = {"width": 32, "blocks": 1}
@@ -72,6 +73,18 @@ def test_fit_al_refuses_a_second_run_on_the_same_modality_and_a_wrong_pivot(trai
         fit_al(trained["run"], "audio", trained["audio"], "text", trained["text"], progress=False)
     with pytest.raises(RunError, match="was not made like"):
         fit_al(trained["run"], "speech", trained["audio"], "text", trained["audio"], progress=False)
+
+
+def test_fit_al_refuses_items_that_ref_pivot_items_which_ref_further(trained, tmp_path):
+    """Spoken captions naming their written caption (which names the image) would train against text, but could
+    never be evaluated against images: fit-al refuses them with the reason and the fix, and changes nothing."""
+    config_before = (trained["run"] / "config.json").read_bytes()
+    weights_before = (trained["run"] / "model.safetensors").read_bytes()
+    spoken = make_toy_modality(tmp_path, "speech", n_images=80, ref="img{i}-cap0")
+    with pytest.raises(PairingError, match=r"refs text item 'img0-cap0', which itself refs 'img0'.*Write ref 'img0'"):
+        fit_al(trained["run"], "speech", spoken, "text", trained["text"], progress=False)
+    assert (trained["run"] / "config.json").read_bytes() == config_before
+    assert (trained["run"] / "model.safetensors").read_bytes() == weights_before
 
 
 @pytest.mark.parametrize("head", ["dfe", "freeze-align", "linear"])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from toy_stores import make_toy_pair
 
 from pipeline.evaluate import check_compatible, evaluate_retrieval
-from pipeline.fit import LossConfig, TrainConfig, TrainingError, fit_up
+from pipeline.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, TrainingError, fit_up
 from pipeline.metrics import query_metrics, ranks_of_first_match, topk_accuracy
 from pipeline.pairs import PairingError, Pairs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
 from pipeline.rundir import RunDir, RunError
@@ -103,6 +103,26 @@ def test_resume_gives_the_same_run_as_uninterrupted(tmp_path):
     assert strip(straight) == strip(resumed)
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_up_schedule_warms_up_then_decays_and_selection_keeps_the_best_mean_rank(tmp_path):
+    image_store, text_store = make_toy_pair(tmp_path, n_images=40)
+    run = tmp_path / "run"
+    # 30 training images in batches of 8: 4 steps per epoch, 32 in all; a quarter of them (2 epochs) warm up.
+    fit_up(image_store, text_store, run, **SMALL, train=TrainConfig(epochs=8, batch_size=8, val_fraction=0.25,
+                                                                    lr_warmup=0.25, **FIT_UP_SCHEDULE),
+           progress=False)
+    metrics = RunDir(run).metrics()
+    lrs = [m["lr"] for m in metrics]  # after each epoch's last step
+    assert lrs[0] == pytest.approx(5 / 8 * 1e-3) and lrs[1] == pytest.approx(1e-3)  # linear warm-up over 8 steps
+    assert lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    # The kept weights are those of the epoch with the lowest validation mean rank (the first of ties).
+    ranks = [m["val"]["mean_rank"] for m in metrics]
+    kept = max(m["epoch"] for m in metrics if m.get("saved"))
+    assert kept == 1 + ranks.index(min(ranks))
+    for m in metrics:
+        directions = [v["mean_rank"] for v in m["val"].values() if isinstance(v, dict)]
+        assert m["val"]["mean_rank"] == pytest.approx(sum(directions) / 2)
 
 
 def test_existing_run_and_foreign_stores_are_refused(tmp_path):

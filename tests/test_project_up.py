@@ -331,3 +331,26 @@ def test_toy_problem_is_learned(kind: str, one_thread) -> None:
         loss.backward()
         opt.step()
     assert _r_at_1(model, y_test, img_test, txt_test) > 0.9
+
+
+# ---------------------------------------------------------------- the pooled linear path (docs/training.md)
+
+
+def test_pooled_skip_starts_as_a_linear_head_and_lets_the_up_in_through_its_gate() -> None:
+    torch.manual_seed(0)
+    model = OneEncoder.from_config(UPConfig({"image": D_IMG, "text": D_TXT}, width=32, blocks=1, pooled_skip=True))
+    tokens, mask = torch.randn(3, 5, D_IMG), torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]], dtype=torch.bool)
+    out = model.encode("image", tokens, mask)
+    means = torch.stack([tokens[i, mask[i]].mean(0) for i in range(3)])
+    assert torch.allclose(out, model.skips["image"](means), atol=1e-6)  # gate 0: exactly the linear head
+    F.normalize(out, dim=-1).sum().backward()
+    assert model.up_gate.grad is not None and float(model.up_gate.grad.abs()) > 0  # the UP's way in
+    with torch.no_grad():
+        model.up_gate.fill_(0.5)
+    assert not torch.allclose(model.encode("image", tokens, mask), out)
+    # step 2: a new modality gets its own linear path, and only it (with the AL and token) trains
+    model.add_modality("audio", 6)
+    trainable = model.freeze_for_alignment("audio")
+    assert "skips.audio.weight" in trainable and not any("image" in n or n == "up_gate" for n in trainable)
+    rebuilt = OneEncoder.from_config(UPConfig.from_dict(model.config.to_dict()))
+    rebuilt.load_state_dict(model.state_dict())  # strict: the saved config rebuilds the same modules

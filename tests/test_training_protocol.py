@@ -235,7 +235,7 @@ def test_base_keeps_its_best_validation_epoch_by_the_same_rule(tmp_path, tiny_im
     from extract.manifest import read_manifest
     from pipeline.base import _validate, fit_base, manifest_pairs
     from pipeline.demo import make_shapes_dataset
-    from pipeline.fit import SELECTION_RULE, TrainConfig
+    from pipeline.fit import TrainConfig, selection_rule
     from pipeline.pairs import split_by_anchor
     from pipeline.rundir import RunDir
 
@@ -246,7 +246,7 @@ def test_base_keeps_its_best_validation_epoch_by_the_same_rule(tmp_path, tiny_im
              progress=False)
     records = metrics(run)
     selection = config(run)["stages"][0]["selection"]
-    assert selection["rule"] == SELECTION_RULE and selection["epoch"] == _selected(records)
+    assert selection["rule"] == selection_rule("rsum") and selection["epoch"] == _selected(records)
     assert [r["epoch"] for r in records if r.get("saved")][-1] == selection["epoch"]
     # The kept encoders and head reproduce the selected epoch's validation figures exactly.
     images, texts = read_manifest(image_manifest), read_manifest(text_manifest)

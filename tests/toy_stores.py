@@ -48,10 +48,12 @@ def make_toy_pair(root: Path, n_images: int = 64, captions: int = 2, seed: int =
 
 
 def make_toy_modality(root: Path, modality: str, n_images: int = 64, per_image: int = 1, seed: int = 0,
-                      dim: int = 12, noise: float = 0.3, tag: str = "toy", labelled: bool = False) -> Path:
+                      dim: int = 12, noise: float = 0.3, tag: str = "toy", labelled: bool = False,
+                      ref: str = "img{i}") -> Path:
     """A ragged store of a further modality (e.g. spoken captions) whose items ``ref`` the image they describe and
     carry the same latent codes as :func:`make_toy_pair` with that seed: pairs with text through the shared ref,
-    with images directly (transitive evaluation). ``labelled``: items carry their image's label (as the images do)."""
+    with images directly (transitive evaluation). ``labelled``: items carry their image's label (as the images do).
+    ``ref``: the ref of image ``i``'s items (``"img{i}-cap0"``: its first caption instead of the image)."""
     latent = torch.randn(n_images, 8, generator=torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 7919)
     to_modality = torch.randn(8, dim, generator=gen)
@@ -60,7 +62,7 @@ def make_toy_modality(root: Path, modality: str, n_images: int = 64, per_image: 
         for k in range(per_image):
             length = int(torch.randint(3, 12, (1,), generator=gen))
             items.append(torch.tanh(latent[i] @ to_modality) + noise * torch.randn(length, dim, generator=gen))
-            metas.append({"id": f"{modality}{i}-{k}", "ref": f"img{i}",
+            metas.append({"id": f"{modality}{i}-{k}", "ref": ref.format(i=i),
                           **({"label": int(latent[i, 0] > 0)} if labelled else {})})
     identity = {"encoder": {"id": f"{tag}-{modality}-encoder"}, "modality": modality, "layer": -1, "keep": "tokens",
                 "manifest_sha256": f"{tag}-{seed}-{modality}"}

