@@ -202,18 +202,25 @@ def _record(record: Item | Mapping[str, Any]) -> dict[str, Any]:
 
 def write_manifest(path: str | os.PathLike[str], records: Iterable[Item | Mapping[str, Any]]) -> str:
     """Write records (dicts or Items) as JSONL, atomically; return the path. Values are written as given."""
+    lines = []
+    for record in records:
+        line = json.dumps(_record(record), ensure_ascii=False)
+        if unicode_problem(line):  # a lone surrogate: JSON's escape carries it, UTF-8 cannot
+            line = json.dumps(_record(record))
+        lines.append(line + "\n")
+    # Atomic, so a reader never sees a half-written manifest (its hash is the cache key).
+    return write_text_file(path, "".join(lines))
+
+
+def write_text_file(path: str | os.PathLike[str], text: str) -> str:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file beside it renamed into place; return the path."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # Write to a temp file and rename, so a reader never sees a half-written manifest (its hash is the cache key).
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".write-", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for record in records:
-                line = json.dumps(_record(record), ensure_ascii=False)
-                if unicode_problem(line):  # a lone surrogate: JSON's escape carries it, UTF-8 cannot
-                    line = json.dumps(_record(record))
-                f.write(line + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

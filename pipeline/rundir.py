@@ -30,6 +30,7 @@ from torch import nn
 
 from project import ContrastiveLoss, build_head
 from stores import FeatureStore, identity_differences
+from stores.location import fsync_path
 from stores.writer import atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -73,25 +74,16 @@ def check_compatible(config: dict, modality: str, store: FeatureStore) -> None:
         )
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk, so a rename never publishes unwritten bytes."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_weights(model: nn.Module, loss: nn.Module, path: Path, *, publish: bool = True) -> None:
     """Write the weights to ``path`` (fsynced); ``publish``: through a temporary name, renamed into place."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"loss.{k}": v.detach().cpu().contiguous() for k, v in loss.state_dict().items()})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}") if publish else path
     save_file(tensors, str(tmp))
-    _fsync(tmp)
+    fsync_path(tmp)
     if publish:
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
 
 
 def _load_weights(model: nn.Module, loss: nn.Module, path: Path) -> None:
@@ -278,11 +270,11 @@ class RunDir:
         tmp.mkdir(parents=True)
         _save_weights(model, loss, tmp / WEIGHTS_FILE, publish=False)  # the folder's rename publishes it
         torch.save(state, tmp / STATE_FILE)
-        _fsync(tmp / STATE_FILE)
-        _fsync(tmp)
+        fsync_path(tmp / STATE_FILE)
+        fsync_path(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync(self.checkpoints)
+        fsync_path(self.checkpoints)
         atomic_write_text(self.checkpoints / "latest", tag)
         for old in self.checkpoints.iterdir():
             if old.is_dir() and old.name != tag:

@@ -183,7 +183,7 @@ class LocalLocation(Location):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync(self.path.parent)
+        fsync_path(self.path.parent)
 
     def atomic_writer(self) -> contextlib.AbstractContextManager[IO[str]]:
         return self._replacing("w")
@@ -214,7 +214,7 @@ class LocalLocation(Location):
                 return self._create_exclusive_without_links(data)  # a file system without hard links
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync(self.path.parent)
+            fsync_path(self.path.parent)
             return True
         raise FileNotFoundError(f"{self.path}: the temporary file for an exclusive create kept disappearing")
 
@@ -253,7 +253,7 @@ class LocalLocation(Location):
         return self.path.stat().st_size
 
     def make_durable(self) -> None:
-        _fsync(self.path)
+        fsync_path(self.path)
 
     def zarr_store(self, read_only: bool = False) -> Any:
         return self.path
@@ -399,7 +399,8 @@ def _backend(url: str) -> Iterator[None]:
         raise StoreError(f"{url}: the storage backend failed: {type(error).__name__}: {error}") from error
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data (or a folder's entries) to the disk, so a rename never publishes unwritten bytes."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

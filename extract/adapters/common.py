@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,23 +51,6 @@ def write_splits(out_dir: PathLike, splits: Mapping[str, Sequence[Mapping[str, A
         name = f"{split}.{kind}.jsonl" if kind else f"{split}.jsonl"
         written.append(write_manifest(os.path.join(out, name), rows))
     return written
-
-
-def write_text_file(path: PathLike, text: str) -> str:
-    """Write ``text`` (UTF-8) to ``path`` atomically, like the manifests: a temp file renamed into place."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".out-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def require_file(path: PathLike, what: str) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import write_manifest
+from ..manifest import write_manifest, write_text_file
 from .common import (
     IMAGE_EXTENSIONS,
     DatasetError,
@@ -27,7 +27,6 @@ from .common import (
     require_dir,
     require_file,
     write_splits,
-    write_text_file,
 )
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")  # written in this order; any other split name after them
