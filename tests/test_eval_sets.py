@@ -117,7 +117,7 @@ def test_many_to_many_retrieval_through_the_cli(m2m):
     # The validation of fit-al ranks distinct items: 2 held-out images, 4 written and 4 spoken captions each way.
     val = [json.loads(line)["val"] for line in (m2m["validated"] / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["stage"] == "fit-al:audio"]
-    assert {m["queries"] for record in val for d, m in record.items() if d != "rsum"} == {4}
+    assert {m["queries"] for record in val for m in record.values() if isinstance(m, dict)} == {4}
 
     out = cli("eval", "retrieval", "--run", m2m["run"], "--audio-store", m2m["stores"]["audio"], "--text-store",
               m2m["stores"]["text"], "--json").stdout

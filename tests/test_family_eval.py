@@ -198,7 +198,8 @@ def test_default_estimator_does_not_score_wide_noise_high_and_reports_the_noise_
     noise = write_store(tmp_path / "noise", "image", torch.randn(n, 400, generator=g), ids, encoder="noise")
     biased = store_cka([real, noise, text], estimator="full")
     by_name = {r["image"]: r for r in biased["ranking"]}
-    assert by_name["noise"]["cka"] > 0.3  # the defect: noise looks like a candidate
+    # The defect: noise scores far above zero, and its noise baseline says that is all noise scores here.
+    assert by_name["noise"]["cka"] > 0.15 and by_name["noise"]["noise"] > 0.15
     default = store_cka([real, noise, text])
     assert default["estimator"] == "minibatch" and default["pairs"] == n
     by_name = {r["image"]: r for r in default["ranking"]}
