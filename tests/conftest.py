@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    """Run ``cli.py`` in a subprocess; one intra-op thread (tiny tensors, shared cores) and a failure shows output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
 
 CAPTIONS = [
     "a red circle",

@@ -4,31 +4,23 @@ figures of different evaluation sets apart: metrics against brute force, then th
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from toy_stores import make_shared_ref_stores
 
 from pipeline.metrics import bidirectional_retrieval, query_metrics, retrieval_metrics
 from pipeline.pairs import Pairs, pair_stores, split_by_anchor
 from stores import FeatureStore
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env=env)
-    assert result.returncode == 0, f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
-    return result
+cli = run_cli
 
 
 # ---------------------------------------------------------------- metrics against brute force

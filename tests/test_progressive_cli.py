@@ -8,14 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import first_codec, gray_frame, sine, write_audio_file, write_video_file
+from conftest import first_codec, gray_frame, run_cli, sine, write_audio_file, write_video_file
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -25,7 +22,6 @@ from pipeline.encode import encode as encode_api
 from pipeline.rundir import RunDir
 from stores import FeatureStore
 
-REPO = Path(__file__).resolve().parents[1]
 
 # One concept per class: the caption's words, the image colour, the tone, the video's gray level.
 CONCEPTS = [
@@ -40,13 +36,7 @@ POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 AUDIO_FORMATS = [("wav", "pcm_s16le", 16000, 1), ("flac", "flac", 22050, 2), ("wav", "pcm_s16le", 8000, 1)]
 
 
-def cli(*args: object) -> subprocess.CompletedProcess:
-    """Run ``cli.py`` in a subprocess; one intra-op thread (tiny tensors, shared cores) and a failure shows output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env=env)
-    assert result.returncode == 0, f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
-    return result
+cli = run_cli
 
 
 def _make_dataset(root: Path) -> dict[str, Path]:
