@@ -18,8 +18,6 @@ from pipeline.metrics import bidirectional_retrieval, query_metrics, retrieval_m
 from pipeline.pairs import Pairs, pair_stores, split_by_anchor
 from stores import FeatureStore
 
-
-
 cli = run_cli
 
 

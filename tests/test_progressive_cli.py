@@ -22,7 +22,6 @@ from pipeline.encode import encode as encode_api
 from pipeline.rundir import RunDir
 from stores import FeatureStore
 
-
 # One concept per class: the caption's words, the image colour, the tone, the video's gray level.
 CONCEPTS = [
     ("red", "circle", (220, 30, 30), 220.0, 40),
