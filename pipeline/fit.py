@@ -573,6 +573,7 @@ def fit_al(
     stage_name = f"fit-al:{modality}"
     if record is None:
         model, loss_fn, _ = run.load_model()
+        torch.manual_seed(train.seed)  # the new Alignment Layer's initial weights follow --seed
         model.add_modality(modality, new.dim, al)
         al = model.config.adapters[modality]
         config["model"] = model.config.to_dict()

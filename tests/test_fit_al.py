@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -121,3 +122,23 @@ def test_zero_shot_with_audio_prompts_instead_of_text(trained, tmp_path):
     three.write_text("negative\npositive\nneutral\n")
     with pytest.raises(EvaluationError, match=r"no item labelled \['neutral'\]"):
         evaluate_zero_shot(trained["run"], trained["image"], three, prompt_store=prompts)
+
+
+def test_fit_al_with_one_seed_trains_the_same_weights_whatever_the_global_rng_held(tmp_path):
+    """The new Alignment Layer is built from --seed, not from whatever the process's random state happened to be
+    (a fresh process starts from a random seed): two fit-al runs from one fit-up run give identical weights."""
+    image_store, text_store = make_toy_pair(tmp_path, n_images=20)
+    audio = make_toy_modality(tmp_path, "audio", n_images=20)
+    base = tmp_path / "base"
+    fit_up(image_store, text_store, base, **SMALL, train=TrainConfig(epochs=1, batch_size=8, val_fraction=0),
+           progress=False)
+    weights = []
+    for noise in (1, 2):
+        run = tmp_path / f"run{noise}"
+        shutil.copytree(base, run)
+        torch.manual_seed(noise)
+        fit_al(run, "audio", audio, "text", text_store, train=TrainConfig(epochs=2, batch_size=8, val_fraction=0),
+               progress=False)
+        weights.append(load_file(run / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "fit-al depends on the global RNG"

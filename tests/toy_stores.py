@@ -83,10 +83,12 @@ def make_shared_ref_stores(root: Path, n_images: int = 10, written: int = 2, spo
     many-to-many through the shared ref (``pair_stores`` rule 3). All captions of one image in one modality carry
     identical tokens, so any head embeds them identically and a well-aligned run retrieves them all perfectly."""
     gen = torch.Generator().manual_seed(seed)
-    latent = torch.randn(n_images, 8, generator=gen)
+    # Orthogonal latents: no two images nearly alike, so a short training separates every one of them.
+    latent_dim = max(8, n_images)
+    latent = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=gen))[0][:n_images] * latent_dim**0.5
     stores = {}
     for modality, per_image, dim, tokens in (("image", 1, 12, 4), ("text", written, 10, 3), ("audio", spoken, 14, 5)):
-        to_modality = torch.randn(8, dim, generator=gen)
+        to_modality = torch.randn(latent_dim, dim, generator=gen)
         items, metas = [], []
         for i in range(n_images):
             for k in range(per_image):
