@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.embed import embed_store
@@ -59,13 +58,10 @@ CONFIGS = {
 
 
 def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore) -> dict:
-    pairs = pair_stores(images, texts)
-    anchors = pairs.anchors
-    row_of = {int(a): i for i, a in enumerate(anchors)}
-    a = embed_store(model, "image", images, anchors)
-    b = embed_store(model, "text", texts, pairs.partner)
-    metrics = bidirectional_retrieval(a, b, np.asarray([row_of[int(x)] for x in pairs.anchor]), "image", "text")
-    m = metrics["text->image"]
+    relevance = pair_stores(images, texts).relevance()
+    a = embed_store(model, "image", images, relevance.anchors)
+    b = embed_store(model, "text", texts, relevance.partners)
+    m = bidirectional_retrieval(a, b, relevance, "image", "text")["text->image"]
     return {"R@1": m["R@1"], "R@5": m["R@5"], "R@10": m["R@10"], "mean_rank": m["mean_rank"]}
 
 
