@@ -23,7 +23,7 @@ from .frames import FrameEncoder, _frame_mode, _frames_identity
 from .hf import HFEncoder, hf_identity
 from .image import HFImageEncoder
 from .specs import (
-    MediaOptions,
+    EncoderSettings,
     _check_frame_pool,
     _check_hf_args,
     _check_modality,
@@ -50,17 +50,6 @@ HF_ENCODERS: dict[str, type[HFEncoder]] = {
 
 
 @dataclass(frozen=True)
-class EncoderSettings:
-    """What an extraction asks of an encoder besides its spec and modality (checked by :func:`_settings`)."""
-
-    layer: int
-    max_tokens: int | None
-    options: dict[str, Any] | None
-    media: MediaOptions | None  # the modality's decoding options (defaults when not given); None for text
-    frame_pool: str
-
-
-@dataclass(frozen=True)
 class EncoderKind:
     """How one kind of encoder gives its identity (without loading where it can) and how it loads (on the CPU;
     :func:`load_encoder` moves it to the device)."""
@@ -83,12 +72,12 @@ def _hf_load(spec: str, modality: str, s: EncoderSettings) -> FrozenEncoder:
 
 def _plugin_identity_of(spec: str, modality: str, s: EncoderSettings) -> dict[str, Any]:
     _check_video_pool(spec, modality, s.frame_pool)
-    return _plugin_identity(spec, modality, s.layer, s.max_tokens, s.options, s.media)[0]
+    return _plugin_identity(spec, modality, s)[0]
 
 
 def _plugin_load(spec: str, modality: str, s: EncoderSettings) -> FrozenEncoder:
     _check_video_pool(spec, modality, s.frame_pool)
-    encoder = _load_plugin(spec, modality, s.layer, s.max_tokens, s.options, s.media)
+    encoder = _load_plugin(spec, modality, s)
     model = getattr(encoder, "model", None)
     if isinstance(model, nn.Module):
         freeze(model)  # plugins should freeze themselves; make sure anyway

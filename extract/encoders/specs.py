@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,17 @@ def _import_plugin_module(module: str) -> Any:
 MediaOptions = AudioOptions | VideoOptions | ImageOptions
 
 
+@dataclass(frozen=True)
+class EncoderSettings:
+    """What an extraction asks of an encoder besides its spec and modality."""
+
+    layer: int
+    max_tokens: int | None
+    options: dict[str, Any] | None  # plugins' own keyword arguments
+    media: MediaOptions | None  # the modality's decoding options (defaults when not given); None for text
+    frame_pool: str
+
+
 def _media_options(
     modality: str, audio: AudioOptions | None, video: VideoOptions | None, image: ImageOptions | None = None
 ) -> MediaOptions | None:
@@ -95,21 +107,16 @@ def _media_options(
     return None
 
 
-def _plugin_kwargs(
-    modality: str,
-    layer: int,
-    max_tokens: int | None,
-    options: dict[str, Any] | None,
-    media: MediaOptions | None = None,
-) -> dict:
+def _plugin_kwargs(modality: str, settings: EncoderSettings) -> dict:
     """Keyword arguments of a plugin's callable and identity: image/audio/video plugins also get the decoding
     options (``max_pixels`` / ``sample_rate``, ``max_seconds``, ``segment``, ``max_decoded_seconds`` / ``frames``,
     ``sampling``, ``fps``, ``clips``, ``max_video_pixels``)."""
+    media, options = settings.media, settings.options
     extra = media.identity() if media is not None else {}
     clash = sorted(set(extra) & set(options or {}))
     if clash:
         raise EncoderError(f"encoder options {clash} clash with the extraction's own {modality} options; use those")
-    return {"modality": modality, "layer": layer, "max_tokens": max_tokens, **extra, **(options or {})}
+    return {"modality": modality, "layer": settings.layer, "max_tokens": settings.max_tokens, **extra, **(options or {})}
 
 
 def _resolve_hf_dir(spec: str) -> tuple[Path, dict[str, Any]]:
@@ -204,20 +211,14 @@ def _check_hf_args(spec: str, modality: str, max_tokens: int | None, options: di
         raise EncoderError("max_tokens applies to text encoders only")
 
 
-def _plugin_identity(
-    spec: str,
-    modality: str,
-    layer: int,
-    max_tokens: int | None,
-    options: dict[str, Any] | None,
-    media: MediaOptions | None = None,
-) -> tuple[dict[str, Any], FrozenEncoder | None]:
+def _plugin_identity(spec: str, modality: str, settings: EncoderSettings
+                     ) -> tuple[dict[str, Any], FrozenEncoder | None]:
     """Plugin identity, and the loaded encoder when identity needed loading it (so the caller can reuse it)."""
     target = _plugin_target(spec)
     assert target is not None
     module_name, attr = target
     mod = _import_plugin_module(module_name)
-    kwargs = _plugin_kwargs(modality, layer, max_tokens, options, media)
+    kwargs = _plugin_kwargs(modality, settings)
     # A file plugin's path differs between machines; its name plus content hash identifies it portably.
     if module_name.endswith(".py"):
         shown = {"spec": f"{os.path.basename(module_name)}:{attr}", "file_sha256": file_sha256(module_name)}
@@ -227,25 +228,18 @@ def _plugin_identity(
     ident_fn = getattr(mod, "identity", None)
     if callable(ident_fn):
         return {**base, "plugin": ident_fn(**kwargs)}, None
-    encoder = _load_plugin(spec, modality, layer, max_tokens, options, media)
+    encoder = _load_plugin(spec, modality, settings)
     return {**base, "plugin": encoder.identity()}, encoder
 
 
-def _load_plugin(
-    spec: str,
-    modality: str,
-    layer: int,
-    max_tokens: int | None,
-    options: dict[str, Any] | None,
-    media: MediaOptions | None = None,
-) -> FrozenEncoder:
+def _load_plugin(spec: str, modality: str, settings: EncoderSettings) -> FrozenEncoder:
     target = _plugin_target(spec)
     assert target is not None
     mod = _import_plugin_module(target[0])
     factory = getattr(mod, target[1], None)
     if not callable(factory):
         raise EncoderError(f"plugin {spec!r}: {target[1]!r} is not a callable in {target[0]}")
-    encoder = factory(**_plugin_kwargs(modality, layer, max_tokens, options, media))
+    encoder = factory(**_plugin_kwargs(modality, settings))
     missing = [a for a in ("modality", "dim", "fixed_tokens", "preprocessor", "identity", "forward", "to")
                if not hasattr(encoder, a)]
     if missing:
