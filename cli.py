@@ -150,7 +150,7 @@ def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, 
             overwrite, sample_rate, max_seconds, segment, frames, sampling, fps, clips, frame_pool, resampler,
             max_pixels, max_decoded_seconds, max_video_pixels) -> None:
     """Run a frozen encoder over a manifest (or --inputs) once and cache its tokens in a sharded Zarr v3 store."""
-    from extract.run import default_workers, run_extraction
+    from extract.run import ExtractionSpec, default_workers, run_spec
     from pipeline.distributed import session
 
     if (manifest is None) == (not inputs):
@@ -169,13 +169,13 @@ def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, 
         raise click.BadParameter(f"{workers!r} is not a number of workers or 'auto'", param_hint="--workers")
     # Under torchrun every rank writes part of the one store (docs/store-format.md, "Distributed extraction").
     with session(device, backend="gloo", timeout_minutes=7 * 24 * 60) as device:
-        run_extraction(manifest, modality, encoder_spec, store, batch_size=batch_size, device=device, dtype=dtype,
-                       keep=keep, pool=pool, layer=layer, max_tokens=max_tokens, workers=int(workers),
-                       overwrite=overwrite, shard_mb=shard_mb, commit_seconds=commit_seconds, on_error=on_error,
-                       progress=True, sample_rate=sample_rate, max_seconds=max_seconds, segment=segment,
-                       frames=frames, sampling=sampling, fps=fps, clips=clips, frame_pool=frame_pool,
-                       resampler=resampler, max_pixels=max_pixels, max_decoded_seconds=max_decoded_seconds,
-                       max_video_pixels=max_video_pixels)
+        run_spec(ExtractionSpec(
+            manifest, modality, encoder_spec, store, batch_size=batch_size, device=device, dtype=dtype, keep=keep,
+            pool=pool, layer=layer, max_tokens=max_tokens, workers=int(workers), overwrite=overwrite,
+            shard_mb=shard_mb, commit_seconds=commit_seconds, on_error=on_error, progress=True,
+            sample_rate=sample_rate, max_seconds=max_seconds, segment=segment, frames=frames, sampling=sampling,
+            fps=fps, clips=clips, frame_pool=frame_pool, resampler=resampler, max_pixels=max_pixels,
+            max_decoded_seconds=max_decoded_seconds, max_video_pixels=max_video_pixels))
 
 
 # ---- manifests ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Public API (imported lazily, so ``import extract`` does not import torch or tran
     from extract import load_image, load_audio, load_audio_parts, load_video_frames, MediaError
     from extract import AudioOptions, ImageOptions, VideoOptions
     from extract import load_encoder, encoder_identity, freeze, FrozenEncoder, Preprocessor
-    from extract import run_extraction, ExtractionResult, ExtractionError
+    from extract import run_extraction, run_spec, ExtractionSpec, ExtractionResult, ExtractionError
     from extract import save_tiny_text_model, save_tiny_image_model, save_tiny_audio_model, save_tiny_video_model
 
 This package writes only through the ``stores`` API; it never imports zarr.
@@ -44,7 +44,9 @@ _EXPORTS = {
     "load_encoder": "encoders",
     "ExtractionError": "run",
     "ExtractionResult": "run",
+    "ExtractionSpec": "run",
     "run_extraction": "run",
+    "run_spec": "run",
     "save_tiny_audio_model": "tiny",
     "save_tiny_image_model": "tiny",
     "save_tiny_text_model": "tiny",

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .encoders import _quiet_hf
+from .encoders.hf import _quiet_hf
 
 __all__ = [
     "TINY_WORDS",

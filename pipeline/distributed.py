@@ -25,50 +25,27 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+# The rank queries and collectives are shared with the extraction, which sits below pipeline/.
+from extract.ranks import (
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    is_distributed,
+    is_main,
+    rank,
+    world_size,
+)
+
+__all__ = [
+    "PairEncoder", "all_gather_object", "barrier", "broadcast_object", "env_world_size", "gather_rows",
+    "is_distributed", "is_main", "local_device", "my_slice", "pair_encoder", "rank", "session", "split_sizes",
+    "world_size",
+]
+
 
 def env_world_size() -> int:
     """World size torchrun announced (1 when not launched by torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    """True on the one process that writes run directories and prints (rank 0, or a single process)."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """``obj`` of rank ``src`` on every rank (pickled; for small control messages only)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather_object(obj: object) -> list:
-    """Every rank's ``obj``, in rank order (a one-element list in a single process)."""
-    if not is_distributed():
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def local_device(device: str) -> str:

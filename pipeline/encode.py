@@ -29,7 +29,7 @@ def extract_like_run(config: dict, modality: str, records: list[dict], encoder_s
     ``trust_plugins`` (the run directory may come from someone else)."""
     from extract.encoders import check_recorded_spec
     from extract.manifest import write_manifest
-    from extract.run import run_extraction, settings_from_identity
+    from extract.run import ExtractionSpec, run_spec
 
     trained = config["modalities"].get(modality)
     if trained is None:
@@ -41,8 +41,9 @@ def extract_like_run(config: dict, modality: str, records: list[dict], encoder_s
         check_recorded_spec(spec, f"the run's {modality} store record", trust_plugins=trust_plugins)
     manifest = workdir / f"{modality}-inputs.jsonl"
     write_manifest(manifest, records)
-    result = run_extraction(manifest, modality, spec, workdir / f"{modality}-store", device=device, progress=False,
-                            on_error="fail", **settings_from_identity(trained["store"]["identity"]))
+    result = run_spec(ExtractionSpec.like_store(trained["store"]["identity"], manifest, modality, spec,
+                                                workdir / f"{modality}-store", device=device, progress=False,
+                                                on_error="fail"))
     store = FeatureStore.open(result.store)
     try:
         check_compatible(config, modality, store)

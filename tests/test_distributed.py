@@ -238,3 +238,14 @@ def test_killed_distributed_extraction_resumes_to_the_single_process_store(tmp_p
     assert FeatureStore.open(store).ids == [f"t{i}" for i in range(20)]
     again = _torchrun(*args)  # and a finished store is a no-op on every rank
     assert again.returncode == 0 and again.stderr.count("up to date") == 1, again.stderr[-2000:]
+
+
+def test_the_rank_helpers_are_one_set_shared_by_extraction_and_training():
+    from extract import ranks
+
+    for name in ("is_distributed", "is_main", "rank", "world_size", "barrier", "broadcast_object",
+                 "all_gather_object"):
+        assert getattr(distributed, name) is getattr(ranks, name), name
+    # Outside torchrun every helper answers as for one process.
+    assert (ranks.rank(), ranks.world_size(), ranks.is_main()) == (0, 1, True)
+    assert ranks.broadcast_object({"plan": 1}) == {"plan": 1} and ranks.all_gather_object(3) == [3]

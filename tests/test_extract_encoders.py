@@ -237,3 +237,20 @@ def test_hub_id_resolves_from_the_local_hf_cache(
     assert ident["files"] == encoder_identity(tiny_text_model, "text")["files"]
     encoder = load_encoder("tiny-org/tiny-bert", "text")
     assert encoder.dim == 32 and encoder.identity() == ident
+
+
+def test_one_table_resolves_every_kind_and_its_identity_is_the_loaded_encoders(
+    tiny_text_model: str, tiny_image_model: str
+) -> None:
+    from extract.encoders import ENCODER_KINDS, HF_ENCODERS, encoder_kind
+
+    assert set(ENCODER_KINDS) == {"hf", "plugin", "frames"}
+    assert set(HF_ENCODERS) == {"text", "image", "audio", "video"}
+    assert encoder_kind(tiny_text_model, "text") == encoder_kind(tiny_image_model, "image") == "hf"
+    assert encoder_kind(tiny_image_model, "video") == "frames"  # an image model asked for video
+    assert encoder_kind("extract.plugins.efficientnet_lite0:load", "image") == "plugin"
+    for spec, modality, kind in ((tiny_text_model, "text", "hf"), (tiny_image_model, "image", "hf"),
+                                 (tiny_image_model, "video", "frames")):
+        identity = encoder_identity(spec, modality)
+        assert identity["kind"] == kind
+        assert load_encoder(spec, modality).identity() == identity  # one table: the two cannot drift apart

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import textwrap
@@ -12,7 +13,17 @@ import pytest
 import torch
 
 from extract.manifest import ManifestError, read_manifest, write_manifest
-from extract.run import ExtractionError, run_extraction
+from extract.run import (
+    ExtractionError,
+    ExtractionOptionsError,
+    ExtractionPlan,
+    ExtractionSpec,
+    identify,
+    plan,
+    read_items,
+    run_extraction,
+    run_spec,
+)
 from stores import FeatureStore, StoreMismatchError, StoreWriter, store_status
 from stores.errors import StoreIncompleteError
 
@@ -252,3 +263,32 @@ def test_a_relative_encoder_path_is_recorded_absolute_and_keys_the_same_store(
     assert summary["encoder_spec"] == str(model.resolve())
     again = run_extraction(text_manifest, "text", summary["encoder_spec"], tmp_path / "s", progress=False)
     assert first.status == "written" and again.status == "up-to-date" and again.key == first.key
+
+
+def test_extraction_spec_is_checked_when_made_and_cannot_change(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-manifest.jsonl")  # nothing is read while the settings are wrong
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ExtractionSpec(missing, "text", "no-model", str(tmp_path / "s"), dtype="fp8")
+    with pytest.raises(ExtractionOptionsError, match="segment='split' needs max_seconds"):
+        ExtractionSpec(missing, "audio", "no-model", str(tmp_path / "s"), segment="split")
+    spec = ExtractionSpec(missing, "text", "no-model", tmp_path / "s")  # type: ignore[arg-type]
+    assert spec.store == str(tmp_path / "s")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.batch_size = 4  # type: ignore[misc]
+
+
+def test_plan_decides_status_resume_row_and_batch_size_once(tiny_text_model: str, tmp_path: Path) -> None:
+    records = [{"id": str(i), "text": f"caption {i}"} for i in range(7)] + [{"id": "x", "text": " "}]
+    manifest = write_manifest(tmp_path / "m.jsonl", records + [{"id": "9", "text": "caption 9"}])
+    spec = ExtractionSpec(manifest, "text", tiny_text_model, str(tmp_path / "s"), batch_size=2, on_error="fail",
+                          commit_seconds=0, progress=False)
+    assert plan(spec, read_items(spec), identify(spec)) == ExtractionPlan("absent", 2)
+    with pytest.raises(ExtractionError, match="empty text"):
+        run_spec(spec)  # stops at item x; what was committed before stays
+    kept = StoreWriter.progress(tmp_path / "s")["items"]
+    resumed = dataclasses.replace(spec, batch_size=3, on_error="skip")
+    decided = plan(resumed, read_items(resumed), identify(resumed))
+    # The store's own batch size, from that batch's first item: the re-extracted bytes match an unbroken run.
+    assert decided == ExtractionPlan("incomplete", 2, start=kept // 2 * 2)
+    assert run_spec(resumed).status == "written"
+    assert plan(resumed, read_items(resumed), identify(resumed)).status == "complete"

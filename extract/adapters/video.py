@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +49,33 @@ def msrvtt_to_manifests(annotation_files: Sequence[PathLike], videos_dir: PathLi
         raise DatasetError("no MSR-VTT annotation file given")
     if len(annotation_files) == 1 and Path(annotation_files[0]).suffix.lower() == ".csv":
         return msrvtt_1ka_to_manifests(annotation_files[0], videos_dir, out_dir)
-    if not annotation_files:
-        raise DatasetError("no MSR-VTT annotation file given")
-    if len(annotation_files) == 1 and Path(annotation_files[0]).suffix.lower() == ".csv":
-        return msrvtt_1ka_to_manifests(annotation_files[0], videos_dir, out_dir)
     videos_root = require_dir(videos_dir, "videos folder")
-    on_disk = _videos_by_stem(videos_root)
-    videos: dict[str, list[dict[str, Any]]] = {}
-    captions: dict[str, list[dict[str, Any]]] = {}
-    video_where: dict[str, str] = {}
-    caption_where: dict[str, str] = {}
-    per_video: dict[str, int] = {}
+    splits = _MsrvttSplits(videos_root, _videos_by_stem(videos_root))
     for source in annotation_files:
+        splits.add_file(source)
+    check_some_exist([r["path"] for split in splits.videos.values() for r in split],
+                     ", ".join(map(os.fspath, annotation_files)), videos_root)
+    written = []
+    for split in splits.videos:
+        written += write_splits(out_dir, {split: splits.videos[split]}, "videos")
+        written += write_splits(out_dir, {split: splits.captions.get(split, [])}, "captions")
+    return written
+
+
+@dataclass
+class _MsrvttSplits:
+    """The video and caption records of MSR-VTT annotation files by split, and where each id was first seen (an id
+    listed twice, even across files, is an error naming both places)."""
+
+    videos_root: Path
+    on_disk: dict[str, Path]
+    videos: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    captions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    video_where: dict[str, str] = field(default_factory=dict)
+    caption_where: dict[str, str] = field(default_factory=dict)
+    per_video: dict[str, int] = field(default_factory=dict)
+
+    def add_file(self, source: PathLike) -> None:
         if Path(source).suffix.lower() == ".csv":
             raise DatasetError(f"{source}: a CSV file; the MSR-VTT annotation JSON (train_val_videodatainfo.json, "
                                "MSRVTT_data.json) is expected here, or MSRVTT_JSFUSION_test.csv alone (1k-A split)")
@@ -68,7 +84,6 @@ def msrvtt_to_manifests(annotation_files: Sequence[PathLike], videos_dir: PathLi
         if not isinstance(sentences, list):
             raise DatasetError(f"{source}: expected a JSON object with a 'sentences' list (MSR-VTT format)")
         listed = data.get("videos")
-        split_of: dict[str, str] = {}
         if listed is None:  # captions only: the videos are those the sentences name, in first-seen order
             listed = [{"video_id": s.get("video_id")} for s in sentences if isinstance(s, dict)]
             default_split = Path(source).stem
@@ -76,24 +91,34 @@ def msrvtt_to_manifests(annotation_files: Sequence[PathLike], videos_dir: PathLi
             default_split = None
         if not isinstance(listed, list):
             raise DatasetError(f"{source}: 'videos' must be a list")
+        split_of = self._add_videos(source, listed, default_split)
+        self._add_sentences(source, sentences, split_of)
+
+    def _add_videos(self, source: PathLike, listed: list, default_split: str | None) -> dict[str, str]:
+        """Record the file's videos; returns the split of each."""
+        split_of: dict[str, str] = {}
         for k, video in enumerate(listed):
             video_id = video.get("video_id") if isinstance(video, dict) else None
             if not isinstance(video_id, str) or not video_id:
                 raise DatasetError(f"{source}: videos[{k}] has no 'video_id'")
             if video_id in split_of and default_split is not None:
                 continue  # captions-only file: a video named by several sentences
-            if video_id in video_where:
-                raise DatasetError(f"{source}: videos[{k}]: video {video_id} already listed in {video_where[video_id]}")
+            if video_id in self.video_where:
+                raise DatasetError(f"{source}: videos[{k}]: video {video_id} already listed in "
+                                   f"{self.video_where[video_id]}")
             split = default_split or video.get("split")
             if not isinstance(split, str) or not split:
                 raise DatasetError(f"{source}: videos[{k}] ({video_id}) has no 'split'")
-            video_where[video_id] = f"{source} videos[{k}]"
+            self.video_where[video_id] = f"{source} videos[{k}]"
             split_of[video_id] = split
-            path = on_disk.get(video_id, videos_root / f"{video_id}.mp4")
+            path = self.on_disk.get(video_id, self.videos_root / f"{video_id}.mp4")
             record: dict[str, Any] = {"id": video_id, "path": str(Path(path).resolve())}
             if isinstance(video.get("category"), (int, str)) and not isinstance(video.get("category"), bool):
                 record["label"] = video["category"]
-            videos.setdefault(split, []).append(record)
+            self.videos.setdefault(split, []).append(record)
+        return split_of
+
+    def _add_sentences(self, source: PathLike, sentences: list, split_of: dict[str, str]) -> None:
         for k, sentence in enumerate(sentences):
             where = f"{source}: sentences[{k}]"
             if not isinstance(sentence, dict) or not isinstance(sentence.get("caption"), str):
@@ -101,21 +126,15 @@ def msrvtt_to_manifests(annotation_files: Sequence[PathLike], videos_dir: PathLi
             video_id = sentence.get("video_id")
             if video_id not in split_of:
                 raise DatasetError(f"{where} names video {video_id!r}, which this file does not list")
-            n = per_video[video_id] = per_video.get(video_id, -1) + 1
+            n = self.per_video[video_id] = self.per_video.get(video_id, -1) + 1
             sen_id = sentence.get("sen_id")
             caption_id = str(sen_id) if sen_id is not None else f"{video_id}_{n}"
-            if caption_id in caption_where:
-                raise DatasetError(f"{where} repeats caption id {caption_id} (first at {caption_where[caption_id]})")
-            caption_where[caption_id] = where
-            captions.setdefault(split_of[video_id], []).append(
+            if caption_id in self.caption_where:
+                raise DatasetError(f"{where} repeats caption id {caption_id} (first at "
+                                   f"{self.caption_where[caption_id]})")
+            self.caption_where[caption_id] = where
+            self.captions.setdefault(split_of[video_id], []).append(
                 {"id": caption_id, "text": sentence["caption"].strip(), "ref": video_id})
-    check_some_exist([r["path"] for split in videos.values() for r in split],
-                     ", ".join(map(os.fspath, annotation_files)), videos_root)
-    written = []
-    for split in videos:
-        written += write_splits(out_dir, {split: videos[split]}, "videos")
-        written += write_splits(out_dir, {split: captions.get(split, [])}, "captions")
-    return written
 
 
 MSRVTT_1KA_SPLIT = "test1k"
