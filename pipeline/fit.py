@@ -476,20 +476,7 @@ def fit_up(
         "stages": [stage_record],
     }
     if resume and run.exists():
-        config = run.read_config()
-        for name, record in stores.items():
-            before = config["modalities"][name]["store"]
-            if before["key"] != record["key"] or before["dim"] != record["dim"]:
-                raise RunError(
-                    f"cannot resume {run.path}: it was trained on {name} store {before['path']} (key {before['key']}),"
-                    f" not {record['path']} (key {record['key']})"
-                )
-        given = recorded_options(asked, "fit-up")
-        if cls_token is None:  # not asked for: the recorded choice stands
-            given.pop("cls_token", None)
-        check_resume(run, recorded_options(config, "fit-up"), {**given, "preset": (preset or {}).get("name")})
-        train = _resumed_train(config["stages"][0]["train"], train)
-        config["stages"][0]["train"] = asdict(train)
+        config, train = _resumed_fit_up(run, asked, train, cls_token, preset)
     else:
         if run.exists() and not overwrite:
             raise RunError(f"{run.path} already holds a run; use --resume to continue it or --overwrite to replace it")
@@ -511,6 +498,27 @@ def fit_up(
         record_selection(config, "fit-up", summary)
         run.write_config(config)
     return {"run": str(run.path), **summary}
+
+
+def _resumed_fit_up(run: RunDir, asked: dict, train: TrainConfig, cls_token: bool | None,
+                    preset: dict | None) -> tuple[dict, TrainConfig]:
+    """The recorded config of the fit-up run to resume and its training settings, after refusing other stores or
+    options that differ from the recorded ones (:func:`check_resume`)."""
+    config = run.read_config()
+    for name, modality in asked["modalities"].items():
+        record, before = modality["store"], config["modalities"][name]["store"]
+        if before["key"] != record["key"] or before["dim"] != record["dim"]:
+            raise RunError(
+                f"cannot resume {run.path}: it was trained on {name} store {before['path']} (key {before['key']}),"
+                f" not {record['path']} (key {record['key']})"
+            )
+    given = recorded_options(asked, "fit-up")
+    if cls_token is None:  # not asked for: the recorded choice stands
+        given.pop("cls_token", None)
+    check_resume(run, recorded_options(config, "fit-up"), {**given, "preset": (preset or {}).get("name")})
+    train = _resumed_train(config["stages"][0]["train"], train)
+    config["stages"][0]["train"] = asdict(train)
+    return config, train
 
 
 def _resumed_train(recorded: dict[str, Any], asked: TrainConfig) -> TrainConfig:

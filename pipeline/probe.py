@@ -40,7 +40,7 @@ from pipeline.evaluate import EvaluationError, report_stem
 from pipeline.metrics import topk_accuracy
 from pipeline.prefetch import prefetched
 from pipeline.rundir import RunDir, check_compatible
-from pipeline.training import BestEpoch, TrainConfig, build_optimizer, epoch_line, optimiser_step, train_epoch
+from pipeline.training import TrainConfig, build_optimizer, epoch_line, optimiser_step, train_epoch
 from project.classifier import EmbeddingClassifier, finetune_parameters, parameter_groups, standardisation
 from stores import FeatureStore, identity_differences
 from stores.writer import atomic_write_text
@@ -193,28 +193,14 @@ def classify(
         loss = train_epoch(prefetched(batches, setup.train_inputs, ahead=2 if fine_tune else 0), step,
                            f"in {task} at epoch {epoch}")
         if epoch % eval_every == 0 or epoch == epochs:
-            record = {"epoch": epoch, "loss": loss,
-                      "train": _accuracy(classifier, setup.train_inputs, len(train), y_train, eval_batch),
-                      "test": _accuracy(classifier, setup.test_inputs, len(test), y_test, eval_batch)}
-            checkpoints.append(record)
-            if progress:
-                print(epoch_line(None, epoch, loss, [f"train top1 {record['train']['top1']:.3f}",
-                                                     f"test top1 {record['test']['top1']:.3f}"], width=4), flush=True)
-    best = BestEpoch()
-    for record in checkpoints:  # selected on the test set; the first of equals, the earliest epoch
-        best.offer(record["test"]["top1"], record["epoch"])
+            checkpoints.append(_checkpoint(setup, epoch, loss, y_train, y_test, eval_batch, progress))
+    best = max(checkpoints, key=lambda r: r["test"]["top1"])  # first of equals: the earliest epoch
     report: dict[str, Any] = {
         "task": task,
         "features": features,
         "space": setup.space,
         "run": str(run_dir) if run_dir is not None else None,
-        "modality": train.modality,
-        "train_store": str(train.path),
-        "test_store": str(test.path),
-        "train_store_key": train.key,
-        "test_store_key": test.key,
-        "train_items": len(train),
-        "test_items": len(test),
+        **_store_fields(train, test),
         "dim": setup.dim,
         "classes": classes,
         "classes_absent_from_test": absent,
@@ -222,13 +208,31 @@ def classify(
                      "eval_every": eval_every, "seed": seed, "optimizer": "AdamW", "standardised": True},
         "checkpoints": checkpoints,
         "final": {"epoch": checkpoints[-1]["epoch"], **checkpoints[-1]["test"]},
-        "best": {"epoch": best.epoch, **next(r for r in checkpoints if r["epoch"] == best.epoch)["test"],
-                 "selected_on": "test"},
+        "best": {"epoch": best["epoch"], **best["test"], "selected_on": "test"},
         "chance_top1": 1 / len(classes),
         "majority_top1": float(np.bincount(test_y, minlength=len(classes)).max() / len(test_y)),
     }
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"  # type: ignore[arg-type]
     return _write_report(out, report, train, test, setup, params)
+
+
+def _checkpoint(setup: _Setup, epoch: int, loss: float, y_train: torch.Tensor, y_test: torch.Tensor, eval_batch: int,
+                progress: bool) -> dict:
+    """The record of an evaluated epoch: its training loss and its train and test accuracy (printed with
+    ``progress``)."""
+    record = {"epoch": epoch, "loss": loss,
+              "train": _accuracy(setup.classifier, setup.train_inputs, len(y_train), y_train, eval_batch),
+              "test": _accuracy(setup.classifier, setup.test_inputs, len(y_test), y_test, eval_batch)}
+    if progress:
+        print(epoch_line(None, epoch, loss, [f"train top1 {record['train']['top1']:.3f}",
+                                             f"test top1 {record['test']['top1']:.3f}"], width=4), flush=True)
+    return record
+
+
+def _store_fields(train: FeatureStore, test: FeatureStore) -> dict[str, Any]:
+    return {"modality": train.modality, "train_store": str(train.path), "test_store": str(test.path),
+            "train_store_key": train.key, "test_store_key": test.key, "train_items": len(train),
+            "test_items": len(test)}
 
 
 def _check_settings(features: str, epochs: int, batch_size: int, lr: float, fine_tune: bool,
