@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +41,14 @@ from torch import nn
 
 from extract.encoders import HFImageEncoder, HFTextEncoder, load_encoder
 from extract.manifest import Item, read_manifest
+from pipeline import training
 from pipeline.fit import LossConfig, head_config, store_record
 from pipeline.metrics import bidirectional_retrieval
 from pipeline.pairs import PairingError, Pairs, epoch_batches, split_by_anchor
 from pipeline.prefetch import prefetched
 from pipeline.rundir import RunDir, RunError
-from pipeline.training import (
-    BestEpoch,
-    TrainConfig,
-    TrainingError,
-    add_selection_scores,
-    build_optimizer,
-    epoch_generator,
-    epoch_line,
-    optimiser_step,
-    retrieval_parts,
-    seconds_since,
-    selection_rule,
-    selection_score,
-    train_epoch,
-)
+from pipeline.training import TrainConfig, TrainingError
+from project import HEADS
 from stores import FeatureStore
 
 STAGE = "fit-base"
@@ -147,20 +135,23 @@ def fit_base(
     out: Path | str,
     *,
     head: str = "linear",
-    width: int = 256,
-    blocks: int = 4,
-    fusion: str = "add",
     encoder_lr: float = 1e-5,
     loss: LossConfig | None = None,
     train: TrainConfig | None = None,
     extract_dtype: str = "fp32",
     overwrite: bool = False,
     progress: bool = True,
+    **head_options: Any,
 ) -> dict:
     """Train both encoders, a projection ``head`` and the temperature end to end on image-text pairs of two
     manifests; write a run directory (see the module docstring). ``encoder_lr`` is the encoders' learning rate
     (``train.lr`` is the head's): pretrained transformers are fine-tuned with a much smaller step than a fresh head.
+    ``head_options``: fields of the head's config (``width``, ``blocks``, ``fusion``, ...; the config's defaults
+    otherwise), taken by the heads that have them (:func:`pipeline.fit.head_config`).
     """
+    head_fields = {f.name for registered in HEADS.values() for f in fields(registered.config_class)}
+    if set(head_options) - head_fields:
+        raise TypeError(f"fit_base() got unknown head options {sorted(set(head_options) - head_fields)}")
     train, loss = train or TrainConfig(epochs=10, batch_size=64), loss or LossConfig()
     if train.epochs < 1:
         raise TrainingError(f"--epochs must be >= 1, got {train.epochs}")
@@ -175,12 +166,12 @@ def fit_base(
     device = train.device
     image_enc, text_enc = _load_trainable(image_encoder, "image", device), _load_trainable(text_encoder, "text", device)
     torch.manual_seed(train.seed)  # the head's initial weights follow --seed
-    config = {"head": head, "model": head_config(head, {"image": image_enc.dim, "text": text_enc.dim}, width=width,
-                                                 blocks=blocks, fusion=fusion).to_dict(), "loss": asdict(loss)}
+    dims = {"image": image_enc.dim, "text": text_enc.dim}
+    config = {"head": head, "model": head_config(head, dims, **head_options).to_dict(), "loss": asdict(loss)}
     model, loss_fn = RunDir.build(config)
     model.to(device).train()
     loss_fn.to(device)
-    optimizer = build_optimizer(
+    optimizer = training.build_optimizer(
         [{"params": [*image_enc.model.parameters(), *text_enc.model.parameters()], "lr": encoder_lr},
          {"params": [*model.parameters(), *loss_fn.parameters()], "lr": train.lr}], train)
     run.path.mkdir(parents=True, exist_ok=True)
@@ -190,7 +181,8 @@ def fit_base(
     config.update({
         "modalities": _reextract(run, folders, image_manifest, text_manifest, train, extract_dtype),
         "stages": [{"name": STAGE, "anchor": "image", "partner": "text", "train": asdict(train),
-                    "selection": {"rule": selection_rule(train.select), "epoch": best.epoch, "score": best.score},
+                    "selection": {"rule": training.selection_rule(train.select), "epoch": best.epoch,
+                                  "score": best.score},
                     "encoder_lr": encoder_lr, "trained_encoders": {"image": image_encoder, "text": text_encoder},
                     "image_manifest": str(Path(image_manifest).resolve()),
                     "text_manifest": str(Path(text_manifest).resolve())}],
@@ -235,35 +227,36 @@ class _EndToEnd:
         device = self.train.device
         a = self.model.encode("image", *trainable_tokens(self.image_enc, a_batch, device))
         b = self.model.encode("text", *trainable_tokens(self.text_enc, b_batch, device))
-        value = optimiser_step(self.optimizer, self.loss_fn(a, b), where, "lower --lr / --encoder-lr")
+        value = training.optimiser_step(self.optimizer, self.loss_fn(a, b), where, "lower --lr / --encoder-lr")
         self.loss_fn.clamp_temperature_()
         return value, len(a_idx)
 
     def fit(self, run: RunDir, train_pairs: Pairs, val_pairs: Pairs, folders: dict[str, Path], target_mix: float,
-            progress: bool) -> tuple[dict, BestEpoch]:
+            progress: bool) -> tuple[dict, training.BestEpoch]:
         """Train every epoch, keeping (saving) the best one's encoders and head; the last record and the best."""
         train = self.train
         steps_per_epoch = max(1, math.ceil(len(train_pairs.anchors) / train.batch_size))
-        best = BestEpoch()
+        best = training.BestEpoch()
         for epoch in range(1, train.epochs + 1):
             started = time.perf_counter()
             for module in (self.image_enc.model, self.text_enc.model, self.model):
                 module.train()
             self.loss_fn.target_mix = 1.0 if epoch <= train.warmup_epochs else target_mix
-            batches = epoch_batches(train_pairs, train.batch_size, epoch_generator(train.seed, epoch), train.sampling)
-            loss = train_epoch(prefetched(batches, self.fetch), self.step, f"at epoch {epoch}")
+            generator = training.epoch_generator(train.seed, epoch)
+            batches = epoch_batches(train_pairs, train.batch_size, generator, train.sampling)
+            loss = training.train_epoch(prefetched(batches, self.fetch), self.step, f"at epoch {epoch}")
             val = _validate(self.image_enc, self.text_enc, self.model, self.images, self.texts, val_pairs,
                             train.device, train.batch_size)
             record = {"stage": STAGE, "epoch": epoch, "loss": loss, "temperature": self.loss_fn.temperature,
-                      "steps": steps_per_epoch, "seconds": seconds_since(started), "val": val}
-            if best.offer(selection_score(val, train.select, epoch), epoch):  # as run_stage
+                      "steps": steps_per_epoch, "seconds": training.seconds_since(started), "val": val}
+            if best.offer(training.selection_score(val, train.select, epoch), epoch):  # as run_stage
                 record["saved"] = True
                 _save_encoders(self.image_enc, self.text_enc, folders)
                 run.save_model(self.model, self.loss_fn)
             run.append_metrics(record)
             if progress:
-                print(epoch_line(STAGE, epoch, loss, [f"tau {record['temperature']:.4f}", *retrieval_parts(val, (1,))],
-                                 record["seconds"]), flush=True)
+                parts = [f"tau {record['temperature']:.4f}", *training.retrieval_parts(val, (1,))]
+                print(training.epoch_line(STAGE, epoch, loss, parts, record["seconds"]), flush=True)
         if best.epoch == 0:
             raise TrainingError(f"no epoch of {run.path} had a finite validation score; nothing was kept")
         return record, best
@@ -307,4 +300,4 @@ def _validate(image_enc: Any, text_enc: Any, model: nn.Module, images: list[Item
     relevance = pairs.relevance()
     a = _embed(image_enc, model, "image", [images[i] for i in relevance.anchors], device, batch_size)
     b = _embed(text_enc, model, "text", [texts[j] for j in relevance.partners], device, batch_size)
-    return add_selection_scores(bidirectional_retrieval(a, b, relevance, "image", "text"))
+    return training.add_selection_scores(bidirectional_retrieval(a, b, relevance, "image", "text"))
