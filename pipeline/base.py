@@ -21,7 +21,7 @@ The re-extraction at the end records in ``config.json`` what a store made by the
 a held-out set is evaluated by extracting it with ``--encoder RUN/encoders/image`` (and ``.../text``) and running
 ``eval retrieval --run RUN`` on those stores; a store made with the original (frozen) encoders is refused. The
 weights kept (encoders, head and temperature) are chosen by the rule every trainer uses,
-:func:`pipeline.fit.selection_rule` (``TrainConfig.select``, fit-up's by default), recorded in the stage; the encoders are written when an
+:func:`pipeline.training.selection_rule` (``TrainConfig.select``, fit-up's by default), recorded in the stage; the encoders are written when an
 epoch improves on the best, so only one copy of them is ever on disk.
 """
 
@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +41,14 @@ from torch import nn
 
 from extract.encoders import HFImageEncoder, HFTextEncoder, load_encoder
 from extract.manifest import Item, read_manifest
-from pipeline.fit import (
-    LossConfig,
-    TrainConfig,
-    TrainingError,
-    add_selection_scores,
-    head_config,
-    optimiser_step,
-    selection_rule,
-    selection_score,
-    store_record,
-)
+from pipeline import training
+from pipeline.fit import LossConfig, head_config, store_record
 from pipeline.metrics import bidirectional_retrieval
 from pipeline.pairs import PairingError, Pairs, epoch_batches, split_by_anchor
 from pipeline.prefetch import prefetched
 from pipeline.rundir import RunDir, RunError
+from pipeline.training import TrainConfig, TrainingError
+from project import HEADS
 from stores import FeatureStore
 
 STAGE = "fit-base"
@@ -142,32 +135,28 @@ def fit_base(
     out: Path | str,
     *,
     head: str = "linear",
-    width: int = 256,
-    blocks: int = 4,
-    fusion: str = "add",
     encoder_lr: float = 1e-5,
     loss: LossConfig | None = None,
     train: TrainConfig | None = None,
     extract_dtype: str = "fp32",
     overwrite: bool = False,
     progress: bool = True,
+    **head_options: Any,
 ) -> dict:
     """Train both encoders, a projection ``head`` and the temperature end to end on image-text pairs of two
     manifests; write a run directory (see the module docstring). ``encoder_lr`` is the encoders' learning rate
     (``train.lr`` is the head's): pretrained transformers are fine-tuned with a much smaller step than a fresh head.
+    ``head_options``: fields of the head's config (``width``, ``blocks``, ``fusion``, ...; the config's defaults
+    otherwise), taken by the heads that have them (:func:`pipeline.fit.head_config`).
     """
-    from extract.run import run_extraction
-
+    head_fields = {f.name for registered in HEADS.values() for f in fields(registered.config_class)}
+    if set(head_options) - head_fields:
+        raise TypeError(f"fit_base() got unknown head options {sorted(set(head_options) - head_fields)}")
     train, loss = train or TrainConfig(epochs=10, batch_size=64), loss or LossConfig()
     if train.epochs < 1:
         raise TrainingError(f"--epochs must be >= 1, got {train.epochs}")
     run = RunDir(out, tensorboard=train.tensorboard)
-    if run.path.exists() and any(run.path.iterdir()):
-        if not run.exists():  # never delete a folder that is not a run, whatever --overwrite says
-            raise RunError(f"{run.path} exists, is not empty and is not a run directory; choose another --out")
-        if not overwrite:
-            raise RunError(f"{run.path} already holds a run; use --overwrite to replace it")
-        shutil.rmtree(run.path)
+    _clear_run_dir(run, overwrite)
     images, texts = read_manifest(image_manifest), read_manifest(text_manifest)
     pairs = manifest_pairs(images, texts, image_manifest, text_manifest)
     train_pairs, val_pairs = split_by_anchor(pairs, train.val_fraction, train.seed)
@@ -177,72 +166,23 @@ def fit_base(
     device = train.device
     image_enc, text_enc = _load_trainable(image_encoder, "image", device), _load_trainable(text_encoder, "text", device)
     torch.manual_seed(train.seed)  # the head's initial weights follow --seed
-    config = {"head": head, "model": head_config(head, {"image": image_enc.dim, "text": text_enc.dim}, width=width,
-                                                 blocks=blocks, fusion=fusion).to_dict(), "loss": asdict(loss)}
+    dims = {"image": image_enc.dim, "text": text_enc.dim}
+    config = {"head": head, "model": head_config(head, dims, **head_options).to_dict(), "loss": asdict(loss)}
     model, loss_fn = RunDir.build(config)
     model.to(device).train()
     loss_fn.to(device)
-    optimizer = torch.optim.AdamW(
+    optimizer = training.build_optimizer(
         [{"params": [*image_enc.model.parameters(), *text_enc.model.parameters()], "lr": encoder_lr},
-         {"params": [*model.parameters(), *loss_fn.parameters()], "lr": train.lr}],
-        betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
+         {"params": [*model.parameters(), *loss_fn.parameters()], "lr": train.lr}], train)
     run.path.mkdir(parents=True, exist_ok=True)
-
-    def fetch(pair: tuple) -> tuple:
-        """Decode and preprocess one minibatch (prefetch thread): the extraction's own preprocessors."""
-        return (_preprocess(image_enc, [images[i] for i in pair[0]]), _preprocess(text_enc, [texts[j] for j in pair[1]]))
-
-    steps_per_epoch = max(1, math.ceil(len(train_pairs.anchors) / train.batch_size))
+    trainer = _EndToEnd(image_enc, text_enc, model, loss_fn, optimizer, images, texts, train)
     folders = {"image": run.path / "encoders" / "image", "text": run.path / "encoders" / "text"}
-    best, best_epoch = -math.inf, 0
-    for epoch in range(1, train.epochs + 1):
-        started = time.perf_counter()
-        for module in (image_enc.model, text_enc.model, model):
-            module.train()
-        loss_fn.target_mix = 1.0 if epoch <= train.warmup_epochs else loss.target_mix
-        generator = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
-        total, count = 0.0, 0
-        for step, ((a_idx, _), (a_batch, b_batch)) in enumerate(
-                prefetched(epoch_batches(train_pairs, train.batch_size, generator, train.sampling), fetch)):
-            a = model.encode("image", *trainable_tokens(image_enc, a_batch, device))
-            b = model.encode("text", *trainable_tokens(text_enc, b_batch, device))
-            value = loss_fn(a, b)
-            total += optimiser_step(optimizer, value, f"at epoch {epoch}, step {step + 1}",
-                                    "lower --lr / --encoder-lr") * len(a_idx)
-            loss_fn.clamp_temperature_()
-            count += len(a_idx)
-        val = _validate(image_enc, text_enc, model, images, texts, val_pairs, device, train.batch_size)
-        record = {"stage": STAGE, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,
-                  "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3), "val": val}
-        score = selection_score(val, train.select, epoch)  # as run_stage: the last epoch without validation
-        if score > best:
-            best, best_epoch = score, epoch
-            record["saved"] = True
-            _save_encoders(image_enc, text_enc, folders)
-            run.save_model(model, loss_fn)
-        run.append_metrics(record)
-        if progress:
-            line = f"[{STAGE}] epoch {epoch:>3}  loss {record['loss']:.4f}  tau {record['temperature']:.4f}"
-            for direction, m in val.items():
-                if isinstance(m, dict):
-                    line += f"  {direction} R@1 {m['R@1']:.3f}"
-            print(line + f"  ({record['seconds']:.1f}s)", flush=True)
-
-    if best_epoch == 0:
-        raise TrainingError(f"no epoch of {run.path} had a finite validation score; nothing was kept")
-    # The kept encoders (ordinary transformers folders) re-extract the training manifests: the stores' identities
-    # are what eval retrieval checks a held-out store against.
-    stores = {}
-    for modality, manifest in (("image", image_manifest), ("text", text_manifest)):
-        result = run_extraction(manifest, modality, str(folders[modality]), run.path / "stores" / f"train-{modality}",
-                                batch_size=train.batch_size, device=device, dtype=extract_dtype, on_error="fail",
-                                progress=False)
-        stores[modality] = store_record(FeatureStore.open(result.store))
+    record, best = trainer.fit(run, train_pairs, val_pairs, folders, loss.target_mix, progress)
     config.update({
-        "modalities": {m: {"store": stores[m], "stage": STAGE, "status": "aligned", "encoder": f"encoders/{m}"}
-                       for m in ("image", "text")},
+        "modalities": _reextract(run, folders, image_manifest, text_manifest, train, extract_dtype),
         "stages": [{"name": STAGE, "anchor": "image", "partner": "text", "train": asdict(train),
-                    "selection": {"rule": selection_rule(train.select), "epoch": best_epoch, "score": best},
+                    "selection": {"rule": training.selection_rule(train.select), "epoch": best.epoch,
+                                  "score": best.score},
                     "encoder_lr": encoder_lr, "trained_encoders": {"image": image_encoder, "text": text_encoder},
                     "image_manifest": str(Path(image_manifest).resolve()),
                     "text_manifest": str(Path(text_manifest).resolve())}],
@@ -251,7 +191,91 @@ def fit_base(
     })
     run.write_config(config)
     return {"run": str(run.path), "encoders": {m: str(f) for m, f in folders.items()}, **record,
-            "selected_epoch": best_epoch, "selected_score": best}
+            "selected_epoch": best.epoch, "selected_score": best.score}
+
+
+def _clear_run_dir(run: RunDir, overwrite: bool) -> None:
+    """Make room for a new run at ``run.path``: an existing run only with ``overwrite``, never another folder."""
+    if run.path.exists() and any(run.path.iterdir()):
+        if not run.exists():  # never delete a folder that is not a run, whatever --overwrite says
+            raise RunError(f"{run.path} exists, is not empty and is not a run directory; choose another --out")
+        if not overwrite:
+            raise RunError(f"{run.path} already holds a run; use --overwrite to replace it")
+        shutil.rmtree(run.path)
+
+
+@dataclass
+class _EndToEnd:
+    """Both encoders, the head and the loss trained together on manifest items (the epoch loop of fit-base)."""
+
+    image_enc: Any
+    text_enc: Any
+    model: nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    images: list[Item]
+    texts: list[Item]
+    train: TrainConfig
+
+    def fetch(self, pair: tuple) -> tuple:
+        """Decode and preprocess one minibatch (prefetch thread): the extraction's own preprocessors."""
+        return (_preprocess(self.image_enc, [self.images[i] for i in pair[0]]),
+                _preprocess(self.text_enc, [self.texts[j] for j in pair[1]]))
+
+    def step(self, batch: tuple, where: str) -> tuple[float, int]:
+        (a_idx, _), (a_batch, b_batch) = batch
+        device = self.train.device
+        a = self.model.encode("image", *trainable_tokens(self.image_enc, a_batch, device))
+        b = self.model.encode("text", *trainable_tokens(self.text_enc, b_batch, device))
+        value = training.optimiser_step(self.optimizer, self.loss_fn(a, b), where, "lower --lr / --encoder-lr")
+        self.loss_fn.clamp_temperature_()
+        return value, len(a_idx)
+
+    def fit(self, run: RunDir, train_pairs: Pairs, val_pairs: Pairs, folders: dict[str, Path], target_mix: float,
+            progress: bool) -> tuple[dict, training.BestEpoch]:
+        """Train every epoch, keeping (saving) the best one's encoders and head; the last record and the best."""
+        train = self.train
+        steps_per_epoch = max(1, math.ceil(len(train_pairs.anchors) / train.batch_size))
+        best = training.BestEpoch()
+        for epoch in range(1, train.epochs + 1):
+            started = time.perf_counter()
+            for module in (self.image_enc.model, self.text_enc.model, self.model):
+                module.train()
+            self.loss_fn.target_mix = 1.0 if epoch <= train.warmup_epochs else target_mix
+            generator = training.epoch_generator(train.seed, epoch)
+            batches = epoch_batches(train_pairs, train.batch_size, generator, train.sampling)
+            loss = training.train_epoch(prefetched(batches, self.fetch), self.step, f"at epoch {epoch}")
+            val = _validate(self.image_enc, self.text_enc, self.model, self.images, self.texts, val_pairs,
+                            train.device, train.batch_size)
+            record = {"stage": STAGE, "epoch": epoch, "loss": loss, "temperature": self.loss_fn.temperature,
+                      "steps": steps_per_epoch, "seconds": training.seconds_since(started), "val": val}
+            if best.offer(training.selection_score(val, train.select, epoch), epoch):  # as run_stage
+                record["saved"] = True
+                _save_encoders(self.image_enc, self.text_enc, folders)
+                run.save_model(self.model, self.loss_fn)
+            run.append_metrics(record)
+            if progress:
+                parts = [f"tau {record['temperature']:.4f}", *training.retrieval_parts(val, (1,))]
+                print(training.epoch_line(STAGE, epoch, loss, parts, record["seconds"]), flush=True)
+        if best.epoch == 0:
+            raise TrainingError(f"no epoch of {run.path} had a finite validation score; nothing was kept")
+        return record, best
+
+
+def _reextract(run: RunDir, folders: dict[str, Path], image_manifest: Path | str, text_manifest: Path | str,
+               train: TrainConfig, dtype: str) -> dict:
+    """The kept encoders (ordinary transformers folders) re-extract the training manifests: the stores' identities
+    are what eval retrieval checks a held-out store against. Returns the run config's ``modalities``."""
+    from extract.run import run_extraction
+
+    stores = {}
+    for modality, manifest in (("image", image_manifest), ("text", text_manifest)):
+        result = run_extraction(manifest, modality, str(folders[modality]), run.path / "stores" / f"train-{modality}",
+                                batch_size=train.batch_size, device=train.device, dtype=dtype, on_error="fail",
+                                progress=False)
+        stores[modality] = store_record(FeatureStore.open(result.store))
+    return {m: {"store": stores[m], "stage": STAGE, "status": "aligned", "encoder": f"encoders/{m}"}
+            for m in ("image", "text")}
 
 
 def _save_encoders(image_enc: Any, text_enc: Any, folders: dict[str, Path]) -> None:
@@ -276,4 +300,4 @@ def _validate(image_enc: Any, text_enc: Any, model: nn.Module, images: list[Item
     relevance = pairs.relevance()
     a = _embed(image_enc, model, "image", [images[i] for i in relevance.anchors], device, batch_size)
     b = _embed(text_enc, model, "text", [texts[j] for j in relevance.partners], device, batch_size)
-    return add_selection_scores(bidirectional_retrieval(a, b, relevance, "image", "text"))
+    return training.add_selection_scores(bidirectional_retrieval(a, b, relevance, "image", "text"))

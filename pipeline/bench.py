@@ -295,29 +295,27 @@ class Bench:
 
 
 def _bench_head(input_dims: dict[str, int], device: str, up: dict[str, Any] = BENCH_UP, **changes: Any):
-    """A P1/P3 head (UPConfig fields ``up``), loss and optimiser (fit-up's AdamW settings), freshly seeded;
-    ``changes`` override UPConfig fields (P3's dropout-0 diagnostic)."""
+    """A P1/P3 head (UPConfig fields ``up``), loss and optimiser (the fit loop's builder with the paper's AdamW
+    settings, constant learning rate), freshly seeded; ``changes`` override UPConfig fields (P3's dropout-0
+    diagnostic)."""
+    from pipeline.training import TrainConfig, build_optimizer
     from project import ContrastiveLoss, OneEncoder, UPConfig
 
     torch.manual_seed(0)
     model = OneEncoder(UPConfig(input_dims=input_dims, **{**up, **changes})).to(device).train()
     loss = ContrastiveLoss(kind="infonce").to(device)
-    optimizer = torch.optim.AdamW([*model.parameters(), *loss.parameters()], lr=1e-3, betas=(0.9, 0.95),
-                                  weight_decay=1e-3)
+    optimizer = build_optimizer([*model.parameters(), *loss.parameters()], TrainConfig())
     return model, loss, optimizer
 
 
 def _train_step(head, batch, device: str) -> None:
-    """One step of the fit loop (pipeline/fit.py run_stage): encode both sides, loss, backward, AdamW step."""
+    """One step of the fit loop (:class:`pipeline.fit.FitStep`, the step ``run_stage`` runs) on a single-process
+    batch ``((image tokens, mask), (text tokens, mask))``."""
+    from pipeline.distributed import PairEncoder
+    from pipeline.fit import FitStep
+
     model, loss_fn, optimizer = head
-    (a_tokens, a_mask), (b_tokens, b_mask) = (to_device(side, device) for side in batch)
-    a = model.encode("image", a_tokens, a_mask)
-    b = model.encode("text", b_tokens, b_mask)
-    loss = loss_fn(a, b)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    loss.item()  # the fit loop reads the loss every step (a device sync on GPU)
+    FitStep(PairEncoder(model, "image", "text"), loss_fn, optimizer, device)(batch, len(batch[0][0]), "in the bench")
 
 
 def _epoch_batches(image_store, text_store, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -380,18 +380,63 @@ def store_cka(
     estimator on the same pairs with the row store replaced by seeded Gaussian noise of its width. A pair worth
     aligning clears it by a clear margin. With ``out``, writes ``cka.json`` and the heatmap ``cka.png`` there.
     """
-    from stores.location import is_url
-    from stores.reader import DEFAULT_RAM_BUDGET_GB
-
     if estimator not in ESTIMATORS:
         raise CKAError(f"estimator must be one of {ESTIMATORS}, not {estimator!r}")
+    stores = _open_distinct(store_paths)
+    rows, cols = _group(stores)
+    names = _names([*rows, *cols])
+    indices, dropped, source = _paired_rows(rows, cols, names, pairs_file)
+    n = len(indices[0])
+    chosen = _estimator_for(estimator, n, sum(s.dim for s in stores), memory_gb)
+    features = list(zip(names, [*rows, *cols], indices, strict=True))
+    # The noise baseline: one Gaussian "store" per row store, its width, rows drawn once for all n pairs.
+    noise_gen = torch.Generator().manual_seed(seed)
+    noise = {f"noise:{name}": torch.randn(n, store.dim, generator=noise_gen, dtype=torch.float64)
+             for name, store in zip(names[: len(rows)], rows, strict=True)}
+    keys = ([*names[: len(rows)], *noise], names[len(rows):])
+    if chosen == "full":
+        row_names, col_names, matrix = _full_cka(features, noise, keys, n)
+    else:
+        row_names, col_names, matrix = _minibatch_cka(features, noise, keys, n, batch_size, seed)
+    matrix = torch.as_tensor(matrix)
+    row_names, matrix, noise_matrix = row_names[: len(rows)], matrix[: len(rows)], matrix[len(rows):]
+    ranking = rank_pairs(row_names, col_names, matrix)
+    noise_of = {(a, b): float(noise_matrix[i, j]) for i, a in enumerate(row_names) for j, b in enumerate(col_names)}
+    report: dict[str, Any] = {
+        "task": "cka",
+        "estimator": chosen,
+        "batch_size": batch_size if chosen == "minibatch" else None,
+        "pairs": n,
+        "pairs_source": source,
+        "dropped": dropped,
+        "rows": {"modality": rows[0].modality,
+                 "stores": [_describe(s, k) for s, k in zip(rows, names[: len(rows)], strict=True)]},
+        "cols": {"modality": cols[0].modality,
+                 "stores": [_describe(s, k) for s, k in zip(cols, names[len(rows):], strict=True)]},
+        "matrix": matrix.tolist(),
+        "noise_matrix": noise_matrix.tolist(),
+        "ranking": [{"rank": r + 1, rows[0].modality: a, cols[0].modality: b, "cka": v, "noise": noise_of[a, b]}
+                    for r, (a, b, v) in enumerate(ranking)],
+    }
+    if out is not None:
+        _write_cka(Path(out), report, matrix, row_names, col_names)
+    return report
+
+
+def _open_distinct(store_paths: Sequence[str | Path]) -> list[FeatureStore]:
+    from stores.location import is_url
+
     resolved = [str(p) if is_url(p) else Path(p).resolve() for p in store_paths]
     repeated = sorted({str(p) for p in resolved if resolved.count(p) > 1})
     if repeated:
         raise CKAError(f"store given twice: {', '.join(repeated)}")
-    stores = [FeatureStore.open(p) for p in store_paths]
-    rows, cols = _group(stores)
-    names = _names([*rows, *cols])
+    return [FeatureStore.open(p) for p in store_paths]
+
+
+def _paired_rows(rows: list[FeatureStore], cols: list[FeatureStore], names: list[str],
+                 pairs_file: str | Path | None) -> tuple[list[np.ndarray], list[dict], str]:
+    """Each store's rows of the pairs every store holds, the pairs dropped (by store) and where the pairs came
+    from; at least 4 pairs or a :class:`CKAError`."""
     if pairs_file is not None:
         pairs, source = read_pairs_file(pairs_file), str(pairs_file)
     else:
@@ -403,79 +448,67 @@ def store_cka(
         detail = "; ".join(f"{d['store']} lacks {d['missing_ids']} ids, e.g. {d['examples']}" for d in dropped)
         raise CKAError(f"only {n} pairs are held by every store (CKA needs at least 4)" + (f": {detail}" if detail
                                                                                               else ""))
-    total_dim = sum(s.dim for s in stores)
+    return indices, dropped, source
+
+
+def _estimator_for(estimator: str, n: int, total_dim: int, memory_gb: float | None) -> str:
+    """``estimator``, or for ``auto`` full when ``n`` pooled rows of every store fit in ``memory_gb``."""
+    from stores.reader import DEFAULT_RAM_BUDGET_GB
+
     need = n * total_dim * _FULL_BYTES_PER_VALUE
     budget = (DEFAULT_RAM_BUDGET_GB if memory_gb is None else memory_gb) * (1 << 30)
-    chosen = estimator if estimator != "auto" else ("full" if need <= budget else "minibatch")
-    features = list(zip(names, [*rows, *cols], indices, strict=True))
-    # The noise baseline: one Gaussian "store" per row store, its width, rows drawn once for all n pairs.
-    noise_gen = torch.Generator().manual_seed(seed)
-    noise = {f"noise:{name}": torch.randn(n, store.dim, generator=noise_gen, dtype=torch.float64)
-             for name, store in zip(names[: len(rows)], rows, strict=True)}
-    row_keys = [*names[: len(rows)], *noise]
-    if chosen == "full":
-        pooled = {name: store.pooled(idx) for name, store, idx in features}
-        constant = [name for name, x in pooled.items() if not bool((x != x[:1]).any())]
-        if constant:
-            raise CKAError(f"CKA is undefined for {', '.join(constant)}: its pooled features are the same for every "
-                           f"one of the {n} paired items")
-        pooled.update(noise)
-        row_names, col_names, matrix = cka_matrix({k: pooled[k] for k in row_keys},
-                                                  {k: pooled[k] for k in names[len(rows):]})
-    else:
-        if batch_size < 4:
-            raise CKAError(f"--batch-size must be at least 4 for the unbiased minibatch estimator, got {batch_size}")
-        # Shuffled batches: the unbiased HSIC of a batch estimates the population value only if the batch is a
-        # random sample (store order is often sorted by class or source).
-        order = np.random.default_rng(seed).permutation(n)
-        chunks = np.array_split(order, max(1, n // batch_size))
+    return estimator if estimator != "auto" else ("full" if need <= budget else "minibatch")
 
-        def batches():
-            for chunk in chunks:
-                pooled = {name: store.pooled(idx[chunk]) for name, store, idx in features}
-                pooled.update({k: v[torch.from_numpy(chunk)] for k, v in noise.items()})
-                yield ({k: pooled[k] for k in row_keys}, {k: pooled[k] for k in names[len(rows):]})
 
-        try:
-            row_names, col_names, matrix = minibatch_cka_matrix(batches())
-        except ValueError as err:
-            raise CKAError(f"minibatch CKA failed: {err}") from None
-    matrix = torch.as_tensor(matrix)
-    row_names, matrix, noise_matrix = row_names[: len(rows)], matrix[: len(rows)], matrix[len(rows):]
-    ranking = rank_pairs(row_names, col_names, matrix)
-    noise_of = {(a, b): float(noise_matrix[i, j]) for i, a in enumerate(row_names) for j, b in enumerate(col_names)}
+def _full_cka(features: list, noise: dict[str, torch.Tensor], keys: tuple[list[str], list[str]], n: int):
+    """:func:`cka_matrix` of every row key (stores and noise) against every column store, all ``n`` pairs at once."""
+    pooled = {name: store.pooled(idx) for name, store, idx in features}
+    constant = [name for name, x in pooled.items() if not bool((x != x[:1]).any())]
+    if constant:
+        raise CKAError(f"CKA is undefined for {', '.join(constant)}: its pooled features are the same for every "
+                       f"one of the {n} paired items")
+    pooled.update(noise)
+    return cka_matrix({k: pooled[k] for k in keys[0]}, {k: pooled[k] for k in keys[1]})
 
-    def describe(store: FeatureStore, name: str) -> dict:
-        encoder = (store.identity.get("encoder") or {}).get("id") or (store.meta.summary or {}).get("encoder_spec")
-        return {"name": name, "path": str(store.path), "encoder": encoder, "dim": store.dim, "key": store.key,
-                "items": len(store)}
 
-    report: dict[str, Any] = {
-        "task": "cka",
-        "estimator": chosen,
-        "batch_size": batch_size if chosen == "minibatch" else None,
-        "pairs": n,
-        "pairs_source": source,
-        "dropped": dropped,
-        "rows": {"modality": rows[0].modality,
-                 "stores": [describe(s, k) for s, k in zip(rows, names[: len(rows)], strict=True)]},
-        "cols": {"modality": cols[0].modality,
-                 "stores": [describe(s, k) for s, k in zip(cols, names[len(rows):], strict=True)]},
-        "matrix": matrix.tolist(),
-        "noise_matrix": noise_matrix.tolist(),
-        "ranking": [{"rank": r + 1, rows[0].modality: a, cols[0].modality: b, "cka": v, "noise": noise_of[a, b]}
-                    for r, (a, b, v) in enumerate(ranking)],
-    }
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        report["json_path"], report["png_path"] = str(out / "cka.json"), str(out / "cka.png")
-        report["md_path"] = str(out / "cka.md")
-        render_heatmap_png(matrix, row_names, col_names, out / "cka.png",
-                           title=f"linear CKA ({chosen}), {n} pairs: {rows[0].modality} x {cols[0].modality}")
-        atomic_write_text(out / "cka.json", json.dumps(report, indent=2))
-        atomic_write_text(out / "cka.md", ranking_markdown(report))
-    return report
+def _minibatch_cka(features: list, noise: dict[str, torch.Tensor], keys: tuple[list[str], list[str]], n: int,
+                   batch_size: int, seed: int):
+    """:func:`minibatch_cka_matrix` over shuffled batches of ``batch_size`` pairs."""
+    if batch_size < 4:
+        raise CKAError(f"--batch-size must be at least 4 for the unbiased minibatch estimator, got {batch_size}")
+    # Shuffled batches: the unbiased HSIC of a batch estimates the population value only if the batch is a
+    # random sample (store order is often sorted by class or source).
+    order = np.random.default_rng(seed).permutation(n)
+    chunks = np.array_split(order, max(1, n // batch_size))
+
+    def batches():
+        for chunk in chunks:
+            pooled = {name: store.pooled(idx[chunk]) for name, store, idx in features}
+            pooled.update({k: v[torch.from_numpy(chunk)] for k, v in noise.items()})
+            yield ({k: pooled[k] for k in keys[0]}, {k: pooled[k] for k in keys[1]})
+
+    try:
+        return minibatch_cka_matrix(batches())
+    except ValueError as err:
+        raise CKAError(f"minibatch CKA failed: {err}") from None
+
+
+def _describe(store: FeatureStore, name: str) -> dict:
+    encoder = (store.identity.get("encoder") or {}).get("id") or (store.meta.summary or {}).get("encoder_spec")
+    return {"name": name, "path": str(store.path), "encoder": encoder, "dim": store.dim, "key": store.key,
+            "items": len(store)}
+
+
+def _write_cka(out: Path, report: dict, matrix: torch.Tensor, row_names: list[str], col_names: list[str]) -> None:
+    """``cka.json``, ``cka.md`` and the heatmap ``cka.png`` in ``out`` (their paths recorded in ``report``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    report["json_path"], report["png_path"] = str(out / "cka.json"), str(out / "cka.png")
+    report["md_path"] = str(out / "cka.md")
+    rows, cols = report["rows"]["modality"], report["cols"]["modality"]
+    render_heatmap_png(matrix, row_names, col_names, out / "cka.png",
+                       title=f"linear CKA ({report['estimator']}), {report['pairs']} pairs: {rows} x {cols}")
+    atomic_write_text(out / "cka.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "cka.md", ranking_markdown(report))
 
 
 def ranking_markdown(report: dict) -> str:

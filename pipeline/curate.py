@@ -107,6 +107,51 @@ def source_items(store: FeatureStore) -> tuple[dict[str, Any] | None, str | None
         return None, f"the manifest {manifest} of store {store.path} cannot be read: {str(err).splitlines()[0]}"
 
 
+def _best_concepts(captions: FeatureStore, prototypes: torch.Tensor, model: Any, batch_size: int,
+                   device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each caption's most similar concept (its row in ``prototypes``) and that cosine."""
+    best = np.zeros(len(captions), dtype=np.int64)
+    score = np.zeros(len(captions), dtype=np.float64)
+    for idx in _batches(len(captions), batch_size):
+        similarity = _embed(captions, idx, model, device).double() @ prototypes.double().T
+        top = similarity.max(dim=1)
+        best[idx], score[idx] = top.indices.numpy(), top.values.numpy()
+    return best, score
+
+
+def _keep_per_concept(concepts: list, support: Any, best: np.ndarray, score: np.ndarray,
+                      per_concept: int) -> tuple[list[np.ndarray], list[dict]]:
+    """The rows kept for each concept (its ``per_concept`` best-scoring captions, best first) and its counts."""
+    kept: list[np.ndarray] = []
+    per = []
+    for c, concept in enumerate(concepts):
+        mine = np.flatnonzero(best == c)
+        mine = mine[np.argsort(-score[mine], kind="stable")]  # ties keep store order
+        kept.append(mine[:per_concept])
+        per.append({"concept": concept, "prototype_items": int(support[c]), "assigned": len(mine),
+                    "kept": len(kept[-1]),
+                    "best_score": float(score[mine[0]]) if len(mine) else None,
+                    "lowest_kept_score": float(score[kept[-1][-1]]) if len(kept[-1]) else None})
+    return kept, per
+
+
+def _caption_record(captions: FeatureStore, sources: dict | None, i: int, concept: Any, score: float) -> dict:
+    """The output line of kept caption ``i``: its id, its text or path (when its manifest is there), ref, label,
+    concept and score."""
+    record: dict[str, Any] = {"id": captions.ids[i]}
+    item = sources.get(captions.ids[i]) if sources else None
+    if item is not None and item.text is not None:
+        record["text"] = item.text
+    elif item is not None and item.path is not None:
+        record["path"] = item.path
+    if captions.refs is not None and captions.refs[i] is not None:
+        record["ref"] = captions.refs[i]
+    if captions.labels is not None and captions.labels[i] is not None:
+        record["label"] = captions.labels[i]
+    record.update(concept=concept, score=round(float(score), 6))
+    return record
+
+
 def curate(
     prototypes_store: str | Path,
     captions_store: str | Path,
@@ -149,38 +194,11 @@ def curate(
             warning = (f"raw features of different encoders ({encoders[0]} and {encoders[1]}) are compared "
                        "directly; this is meaningful only if they share one embedding space (else pass --run)")
     concepts, prototypes, support = concept_prototypes(labelled, model, batch_size, device)
-    best = np.zeros(len(captions), dtype=np.int64)
-    score = np.zeros(len(captions), dtype=np.float64)
-    for idx in _batches(len(captions), batch_size):
-        similarity = _embed(captions, idx, model, device).double() @ prototypes.double().T
-        top = similarity.max(dim=1)
-        best[idx], score[idx] = top.indices.numpy(), top.values.numpy()
-    kept: list[np.ndarray] = []
-    per = []
-    for c, concept in enumerate(concepts):
-        mine = np.flatnonzero(best == c)
-        mine = mine[np.argsort(-score[mine], kind="stable")]  # ties keep store order
-        kept.append(mine[:per_concept])
-        per.append({"concept": concept, "prototype_items": int(support[c]), "assigned": len(mine),
-                    "kept": len(kept[-1]),
-                    "best_score": float(score[mine[0]]) if len(mine) else None,
-                    "lowest_kept_score": float(score[kept[-1][-1]]) if len(kept[-1]) else None})
+    best, score = _best_concepts(captions, prototypes, model, batch_size, device)
+    kept, per = _keep_per_concept(concepts, support, best, score, per_concept)
     sources, _ = source_items(captions)
-    lines = []
-    for c, rows in enumerate(kept):
-        for i in rows:
-            record: dict[str, Any] = {"id": captions.ids[i]}
-            item = sources.get(captions.ids[i]) if sources else None
-            if item is not None and item.text is not None:
-                record["text"] = item.text
-            elif item is not None and item.path is not None:
-                record["path"] = item.path
-            if captions.refs is not None and captions.refs[i] is not None:
-                record["ref"] = captions.refs[i]
-            if captions.labels is not None and captions.labels[i] is not None:
-                record["label"] = captions.labels[i]
-            record.update(concept=concepts[c], score=round(float(score[i]), 6))
-            lines.append(json.dumps(record, ensure_ascii=False))
+    lines = [json.dumps(_caption_record(captions, sources, i, concepts[c], score[i]), ensure_ascii=False)
+             for c, rows in enumerate(kept) for i in rows]
     out = Path(out)
     atomic_write_text(out, "".join(line + "\n" for line in lines))
     return {

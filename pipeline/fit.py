@@ -8,7 +8,6 @@ held-out split each epoch, writes metrics, keeps the best weights and checkpoint
 from __future__ import annotations
 
 import ctypes
-import math
 import shutil
 import sys
 import time
@@ -28,37 +27,27 @@ from pipeline.pairs import Pairs, check_pivot_refs, epoch_batches, epoch_steps, 
 from pipeline.prefetch import prefetched, to_device, token_batch
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, RunError
+from pipeline.training import (
+    LR_SCHEDULES,
+    SELECTIONS,
+    BestEpoch,
+    TrainConfig,
+    TrainingError,
+    add_selection_scores,
+    build_optimizer,
+    build_scheduler,
+    epoch_generator,
+    epoch_line,
+    epoch_seed,
+    optimiser_step,
+    retrieval_parts,
+    seconds_since,
+    selection_rule,
+    selection_score,
+    train_epoch,
+)
 from project import HEADS, ContrastiveLoss
 from stores import FeatureStore
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or cannot go on (bad inputs, non-finite loss)."""
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-3  # AdamW settings of the paper (Section IV-B)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 1e-3
-    val_fraction: float = 0.1
-    seed: int = 0
-    sampling: str = "one-per-anchor"
-    warmup_epochs: int = 0  # epochs with one-hot targets before the soft targets take over
-    # Learning-rate schedule per step: "constant" (the paper's) or "cosine" (linear warm-up over lr_warmup of the
-    # steps, then cosine to 0, as open_clip trains). fit-up defaults to cosine (FIT_UP_SCHEDULE, docs/training.md).
-    lr_schedule: str = "constant"
-    lr_warmup: float = 0.1
-    # What picks the kept epoch on the validation split: "rsum" (sum of R@1/5/10 both ways) or "mean-rank" (mean
-    # rank of the true partner, both ways; finer on small validation splits; fit-up's default).
-    select: str = "rsum"
-    device: str = "cpu"
-    tensorboard: bool = True  # also mirror metrics.jsonl into RUN/tb/ event files
-    strict_pairs: bool = False  # refuse items whose partner is absent (e.g. failed extraction) instead of dropping them
-
 
 # fit-up's own defaults (docs/training.md); fit-al and the other loops keep TrainConfig's (the paper's).
 FIT_UP_SCHEDULE = {"lr_schedule": "cosine", "select": "mean-rank"}
@@ -89,27 +78,6 @@ class Stage:
 def store_record(store: FeatureStore) -> dict:
     return {"path": str(store.path), "key": store.key, "identity": store.identity, "dim": store.dim,
             "layout": store.layout, "items": len(store), "encoder_spec": (store.meta.summary or {}).get("encoder_spec")}
-
-
-# How every trainer (fit-up, fit-al, fit-base) chooses the weights it keeps, by TrainConfig.select; recorded with
-# each stage.
-SELECTION_RULES = {
-    "rsum": "best validation rsum (R@1 + R@5 + R@10, both directions, on the held-out anchors)",
-    "mean-rank": "lowest validation mean rank of the true partner (mean of both directions, on the held-out anchors)",
-}
-
-
-def selection_rule(select: str) -> str:
-    """The recorded wording of the rule ``select`` names."""
-    return SELECTION_RULES[select] + "; the last epoch when there is no validation split"
-
-
-def add_selection_scores(metrics: dict) -> dict:
-    """Add the scores :func:`selection_score` reads (``rsum``, ``mean_rank``) to validation retrieval metrics."""
-    directions = [m for m in metrics.values() if isinstance(m, dict)]
-    metrics["rsum"] = sum(m[k] for m in directions for k in ("R@1", "R@5", "R@10"))
-    metrics["mean_rank"] = float(np.mean([m["mean_rank"] for m in directions]))
-    return metrics
 
 
 # What --resume lets differ from the recorded configuration: how long and where to train, not what is trained.
@@ -191,34 +159,6 @@ def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> tuple[dict, list[
     return metrics, bad
 
 
-LR_SCHEDULES = ("cosine", "constant")
-SELECTIONS = ("mean-rank", "rsum")
-
-
-def selection_score(val: dict, select: str, epoch: int) -> float:
-    """Higher is better. Without validation the last epoch wins."""
-    if not val:
-        return float(epoch)
-    if select == "mean-rank":
-        return -val["mean_rank"]
-    if select == "rsum":
-        return val["rsum"]
-    raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
-
-
-def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
-    """Multiplier of the base learning rate at optimiser step ``step`` (0-based) of ``total``."""
-    if schedule == "constant":
-        return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    warm = max(1, round(warmup * total)) if warmup > 0 else 0
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched: tuple, batch_len: int,
                       device: str) -> torch.Tensor:
     """The contrastive loss of one global batch of ``batch_len`` pairs, from this rank's ``fetched`` slice
@@ -275,65 +215,67 @@ def return_freed_memory_to_the_os(threshold_bytes: int = 1 << 20) -> bool:
         return False
 
 
-def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: Stage, resume: bool,
-              progress: bool = True, on_epoch: Callable[[int, nn.Module], dict] | None = None) -> dict:
-    """Train ``stage`` and return its closing summary. The run config must already be written.
-
-    ``on_epoch(epoch, model)``: extra numbers recorded under ``monitor`` in the epoch's metrics (e.g. recall on a
-    held-out set, for studying model selection); it never influences training or selection."""
-    cfg = stage.train
+def _check_schedule(cfg: TrainConfig) -> None:
     if cfg.select not in SELECTIONS:
         raise TrainingError(f"select must be one of {SELECTIONS}, got {cfg.select!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
-    return_freed_memory_to_the_os()
-    pairs, train_pairs, val_pairs = checked_pairs(stage.anchor_store, stage.partner_store, cfg)
-    if pairs.dropped and distributed.is_main():
-        _report_dropped(run, stage, pairs)
-    model.to(cfg.device)
-    loss_fn.to(cfg.device)
-    names = set(stage.trainable)
+
+
+def _trainable_parameters(model: nn.Module, loss_fn: ContrastiveLoss, trainable: list[str]) -> list[nn.Parameter]:
+    """The parameters named in ``trainable`` (all when empty) and the loss's; only they keep gradients."""
+    names = set(trainable)
     params = [p for n, p in model.named_parameters() if not names or n in names]
     params += list(loss_fn.parameters())
     for n, p in model.named_parameters():
         p.requires_grad_(not names or n in names)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    mix_after_warmup = loss_fn.target_mix
-    steps_per_epoch = epoch_steps(train_pairs, cfg.batch_size, cfg.sampling)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, cfg.lr_schedule, cfg.lr_warmup))
+    return params
 
-    start_epoch, best, best_epoch = 1, -math.inf, 0
-    state = run.checkpoint_state() if resume else None
-    if state is not None and state.get("stage") == stage.name:  # an earlier stage's checkpoint is not ours
-        run.load_checkpoint_weights(model, loss_fn)
-        optimizer.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
-        done = int(state["epoch"])
-        best_epoch = int(state.get("best_epoch") or max(
-            (r["epoch"] for r in run.metrics() if r.get("stage") == stage.name and r.get("saved")
-             and r["epoch"] <= done), default=0))
-        if distributed.is_main():
-            run.truncate_metrics(lambda r: r.get("stage") != stage.name or r["epoch"] <= done)
-    elif not resume and distributed.is_main():
-        run.truncate_metrics(lambda r: r.get("stage") != stage.name)
-    if start_epoch > cfg.epochs:
-        return {"stage": stage.name, "epochs": cfg.epochs, "resumed_finished_run": True}
 
-    # Modules that own trainable parameters train (dropout on); everything frozen stays in eval mode, because
-    # frozen means frozen: a frozen UP must give the pivot the same embedding every step.
+def _train_modes(model: nn.Module, trainable: list[str]) -> Callable[[], None]:
+    """What puts the model in training mode at the start of an epoch. Modules that own trainable parameters train
+    (dropout on); everything frozen stays in eval mode, because frozen means frozen: a frozen UP must give the
+    pivot the same embedding every step."""
+    names = set(trainable)
     modules = dict(model.named_modules())
-    trainable_owners = sorted({owner for n in names if (owner := ".".join(n.split(".")[:2])) in modules})
-    pin = torch.device(cfg.device).type == "cuda"
-    # Under torchrun each rank reads and embeds only its contiguous slice of every global batch; the embeddings are
-    # gathered with gradients, so the loss (and its gradient) is that of the whole global batch (pipeline/distributed).
-    encode_pair = distributed.pair_encoder(model, stage.anchor, stage.partner, cfg.device)
-    main = distributed.is_main()
+    owners = sorted({owner for n in names if (owner := ".".join(n.split(".")[:2])) in modules})
 
+    def set_modes() -> None:
+        if names:
+            model.eval()
+            for owner in owners:
+                model.get_submodule(owner).train()
+        else:
+            model.train()
+
+    return set_modes
+
+
+def _resume_point(run: RunDir, stage: Stage, model: nn.Module, loss_fn: ContrastiveLoss,
+                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                  resume: bool) -> tuple[int, BestEpoch]:
+    """The first epoch to train and the best epoch so far: a resumed stage restores its last checkpoint (weights,
+    optimiser, schedule, random state) and drops the metrics of epochs after it; a fresh one drops its old metrics."""
+    state = run.checkpoint_state() if resume else None
+    if state is None or state.get("stage") != stage.name:  # an earlier stage's checkpoint is not ours
+        if not resume and distributed.is_main():
+            run.truncate_metrics(lambda r: r.get("stage") != stage.name)
+        return 1, BestEpoch()
+    run.load_checkpoint_weights(model, loss_fn)
+    optimizer.load_state_dict(state["optimizer"])
+    if "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    done = int(state["epoch"])
+    best_epoch = int(state.get("best_epoch") or max(
+        (r["epoch"] for r in run.metrics() if r.get("stage") == stage.name and r.get("saved")
+         and r["epoch"] <= done), default=0))
+    if distributed.is_main():
+        run.truncate_metrics(lambda r: r.get("stage") != stage.name or r["epoch"] <= done)
+    return done + 1, BestEpoch(float(state["best"]), best_epoch)
+
+
+def _rank_fetcher(stage: Stage, pin: bool) -> Callable[[tuple], tuple]:
     def fetch(pair: tuple) -> tuple:
         """Both sides of this rank's part of one minibatch (:func:`token_batch`), read in the prefetch thread.
 
@@ -345,83 +287,127 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
         return (token_batch(stage.anchor_store, pair[0][part], pin),
                 token_batch(stage.partner_store, pair[1][part], pin))
 
+    return fetch
+
+
+@dataclass
+class FitStep:
+    """One optimiser step of the fit loop on one global batch: the batch's contrastive loss
+    (:func:`global_batch_loss`), the step, the learning-rate schedule and the temperature clamp. The benchmark
+    suite times this same step."""
+
+    encode_pair: nn.Module
+    loss_fn: ContrastiveLoss
+    optimizer: torch.optim.Optimizer
+    device: str
+    hint: str = "lower --lr or check the stores for non-finite values"
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def __call__(self, fetched: tuple, batch_len: int, where: str) -> float:
+        """Train on ``fetched``, this rank's part of a global batch of ``batch_len`` pairs; returns the loss."""
+        loss = global_batch_loss(self.encode_pair, self.loss_fn, fetched, batch_len, self.device)
+        value = optimiser_step(self.optimizer, loss, where, self.hint)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.loss_fn.clamp_temperature_()
+        return value
+
+    def on_pair_batch(self, batch: tuple, where: str) -> tuple[float, int]:
+        """:func:`pipeline.training.train_epoch`'s step on one prefetched ``((anchor rows, partner rows),
+        fetched)``: the loss and the global batch size."""
+        (a_idx, _), fetched = batch
+        return self(fetched, len(a_idx), where), len(a_idx)
+
+
+def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: Stage, resume: bool,
+              progress: bool = True, on_epoch: Callable[[int, nn.Module], dict] | None = None) -> dict:
+    """Train ``stage`` and return its closing summary. The run config must already be written.
+
+    ``on_epoch(epoch, model)``: extra numbers recorded under ``monitor`` in the epoch's metrics (e.g. recall on a
+    held-out set, for studying model selection); it never influences training or selection."""
+    cfg = stage.train
+    _check_schedule(cfg)
+    return_freed_memory_to_the_os()
+    pairs, train_pairs, val_pairs = checked_pairs(stage.anchor_store, stage.partner_store, cfg)
+    if pairs.dropped and distributed.is_main():
+        _report_dropped(run, stage, pairs)
+    model.to(cfg.device)
+    loss_fn.to(cfg.device)
+    optimizer = build_optimizer(_trainable_parameters(model, loss_fn, stage.trainable), cfg)
+    mix_after_warmup = loss_fn.target_mix
+    steps_per_epoch = epoch_steps(train_pairs, cfg.batch_size, cfg.sampling)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    start_epoch, best = _resume_point(run, stage, model, loss_fn, optimizer, scheduler, resume)
+    if start_epoch > cfg.epochs:
+        return {"stage": stage.name, "epochs": cfg.epochs, "resumed_finished_run": True}
+
+    train_modes = _train_modes(model, stage.trainable)
+    # Under torchrun each rank reads and embeds only its contiguous slice of every global batch; the embeddings are
+    # gathered with gradients, so the loss (and its gradient) is that of the whole global batch (pipeline/distributed).
+    step = FitStep(distributed.pair_encoder(model, stage.anchor, stage.partner, cfg.device), loss_fn, optimizer,
+                   cfg.device, f"the last good checkpoint in {run.checkpoints} is intact; lower --lr or check the "
+                   "stores for non-finite values", scheduler)
+    fetch = _rank_fetcher(stage, pin=torch.device(cfg.device).type == "cuda")
+    main = distributed.is_main()
     summary: dict = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
-        if names:
-            model.eval()
-            for owner in trainable_owners:
-                model.get_submodule(owner).train()
-        else:
-            model.train()
+        train_modes()
         loss_fn.target_mix = 1.0 if epoch <= cfg.warmup_epochs else mix_after_warmup
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # same batches after a resume
+        generator = epoch_generator(cfg.seed, epoch)  # same batches after a resume
         if distributed.is_distributed():
             # Each rank draws its own dropout masks (same seeds would repeat one mask across ranks), reproducibly.
-            torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 65_537 + distributed.rank())
-        total, count = 0.0, 0
+            torch.manual_seed(epoch_seed(cfg.seed, epoch) * 65_537 + distributed.rank())
         batches = epoch_batches(train_pairs, cfg.batch_size, generator, cfg.sampling)
         steps = progress_bar(prefetched(batches, fetch), total=steps_per_epoch, desc=f"[{stage.name}] epoch {epoch}",
                              unit="step", enabled=progress and main, leave=False)  # only on a terminal
-        for step, ((a_idx, _), fetched) in enumerate(steps):
-            loss = global_batch_loss(encode_pair, loss_fn, fetched, len(a_idx), cfg.device)
-            value = optimiser_step(optimizer, loss, f"at epoch {epoch}, step {step + 1}",
-                                   f"the last good checkpoint in {run.checkpoints} is intact; lower --lr or check "
-                                   "the stores for non-finite values")
-            scheduler.step()
-            loss_fn.clamp_temperature_()
-            total += value * len(a_idx)
-            count += len(a_idx)
+        loss = train_epoch(steps, step.on_pair_batch, f"at epoch {epoch}")
         val, nonfinite = _validate(model, stage, val_pairs) if main else ({}, [])  # rank 0 writes the run
         record = {
-            "stage": stage.name, "epoch": epoch, "loss": total / max(count, 1), "temperature": loss_fn.temperature,
-            "target_mix": loss_fn.target_mix, "steps": steps_per_epoch, "seconds": round(time.perf_counter() - started, 3),
+            "stage": stage.name, "epoch": epoch, "loss": loss, "temperature": loss_fn.temperature,
+            "target_mix": loss_fn.target_mix, "steps": steps_per_epoch, "seconds": seconds_since(started),
             "lr": optimizer.param_groups[0]["lr"], "val": val,
         }
         if nonfinite:
             record["val_nonfinite_ids"] = nonfinite[:20]
         if on_epoch is not None and main:
             record["monitor"] = on_epoch(epoch, model)
-        score = selection_score(val, cfg.select, epoch)  # without validation the last epoch is kept
-        if score > best:
-            best, best_epoch = score, epoch
-            record["saved"] = True
-            if main:
-                run.save_model(model, loss_fn)
-        if main:
-            run.append_metrics(record)
-            run.save_checkpoint(model, loss_fn, {"stage": stage.name, "epoch": epoch, "best": best,
-                                                 "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
-                                                 "scheduler": scheduler.state_dict(),
-                                                 "rng": torch.get_rng_state()},
-                                tag=f"epoch-{epoch:04d}")
+        _close_epoch(run, model, step, stage, record, best)
         if progress and main:
             print(_epoch_line(record), flush=True)
-        summary = {**record, "selected_epoch": best_epoch, "selected_score": best}
+        summary = {**record, "selected_epoch": best.epoch, "selected_score": best.score}
     loss_fn.target_mix = mix_after_warmup
     distributed.barrier()  # the run directory is complete (rank 0's last checkpoint) before any rank returns
     return summary
 
 
+def _close_epoch(run: RunDir, model: nn.Module, step: FitStep, stage: Stage, record: dict, best: BestEpoch) -> None:
+    """Keep the epoch's weights if it is the best so far (without validation: the last epoch), then (rank 0)
+    append its metrics and write its checkpoint."""
+    loss_fn = step.loss_fn
+    main = distributed.is_main()
+    if best.offer(selection_score(record["val"], stage.train.select, record["epoch"]), record["epoch"]):
+        record["saved"] = True
+        if main:
+            run.save_model(model, loss_fn)
+    if main:
+        run.append_metrics(record)
+        run.save_checkpoint(model, loss_fn, {"stage": stage.name, "epoch": record["epoch"], "best": best.score,
+                                             "best_epoch": best.epoch, "optimizer": step.optimizer.state_dict(),
+                                             "scheduler": step.scheduler.state_dict() if step.scheduler else None,
+                                             "rng": torch.get_rng_state()},
+                            tag=f"epoch-{record['epoch']:04d}")
+
+
 def _epoch_line(record: dict) -> str:
-    line = f"[{record['stage']}] epoch {record['epoch']:>3}  loss {record['loss']:.4f}  tau {record['temperature']:.4f}"
-    for direction, m in record["val"].items():
-        if isinstance(m, dict):
-            line += f"  {direction} R@1 {m['R@1']:.3f} R@5 {m['R@5']:.3f}"
-    if record["val"].get("nonfinite"):
-        line += f"  ({record['val']['nonfinite']} non-finite val items left out, e.g. {record['val_nonfinite_ids'][0]!r})"
-    return line + ("  *" if record.get("saved") else "") + f"  ({record['seconds']:.1f}s)"
+    val = record["val"]
+    parts = [f"tau {record['temperature']:.4f}", *retrieval_parts(val)]
+    if val.get("nonfinite"):
+        parts.append(f"({val['nonfinite']} non-finite val items left out, e.g. {record['val_nonfinite_ids'][0]!r})")
+    if record.get("saved"):
+        parts.append("*")
+    return epoch_line(record["stage"], record["epoch"], record["loss"], parts, record["seconds"])
 
-
-def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str, hint: str) -> float:
-    """One step on ``loss``, shared by every training loop; a non-finite loss stops training with a clear error
-    before it can touch the weights. Returns the loss value."""
-    if not torch.isfinite(loss):
-        raise TrainingError(f"loss became {loss.item()} {where}; stopping ({hint})")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
 
 
 def head_config(head: str, input_dims: dict[str, int], **options):
@@ -490,20 +476,7 @@ def fit_up(
         "stages": [stage_record],
     }
     if resume and run.exists():
-        config = run.read_config()
-        for name, record in stores.items():
-            before = config["modalities"][name]["store"]
-            if before["key"] != record["key"] or before["dim"] != record["dim"]:
-                raise RunError(
-                    f"cannot resume {run.path}: it was trained on {name} store {before['path']} (key {before['key']}),"
-                    f" not {record['path']} (key {record['key']})"
-                )
-        given = recorded_options(asked, "fit-up")
-        if cls_token is None:  # not asked for: the recorded choice stands
-            given.pop("cls_token", None)
-        check_resume(run, recorded_options(config, "fit-up"), {**given, "preset": (preset or {}).get("name")})
-        train = _resumed_train(config["stages"][0]["train"], train)
-        config["stages"][0]["train"] = asdict(train)
+        config, train = _resumed_fit_up(run, asked, train, cls_token, preset)
     else:
         if run.exists() and not overwrite:
             raise RunError(f"{run.path} already holds a run; use --resume to continue it or --overwrite to replace it")
@@ -525,6 +498,27 @@ def fit_up(
         record_selection(config, "fit-up", summary)
         run.write_config(config)
     return {"run": str(run.path), **summary}
+
+
+def _resumed_fit_up(run: RunDir, asked: dict, train: TrainConfig, cls_token: bool | None,
+                    preset: dict | None) -> tuple[dict, TrainConfig]:
+    """The recorded config of the fit-up run to resume and its training settings, after refusing other stores or
+    options that differ from the recorded ones (:func:`check_resume`)."""
+    config = run.read_config()
+    for name, modality in asked["modalities"].items():
+        record, before = modality["store"], config["modalities"][name]["store"]
+        if before["key"] != record["key"] or before["dim"] != record["dim"]:
+            raise RunError(
+                f"cannot resume {run.path}: it was trained on {name} store {before['path']} (key {before['key']}),"
+                f" not {record['path']} (key {record['key']})"
+            )
+    given = recorded_options(asked, "fit-up")
+    if cls_token is None:  # not asked for: the recorded choice stands
+        given.pop("cls_token", None)
+    check_resume(run, recorded_options(config, "fit-up"), {**given, "preset": (preset or {}).get("name")})
+    train = _resumed_train(config["stages"][0]["train"], train)
+    config["stages"][0]["train"] = asdict(train)
+    return config, train
 
 
 def _resumed_train(recorded: dict[str, Any], asked: TrainConfig) -> TrainConfig:

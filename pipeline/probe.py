@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,10 @@ from safetensors.torch import save_file
 from pipeline.curate import class_indices, label_key, labels_of
 from pipeline.embed import embed_store
 from pipeline.evaluate import EvaluationError, report_stem
-from pipeline.fit import optimiser_step
 from pipeline.metrics import topk_accuracy
 from pipeline.prefetch import prefetched
 from pipeline.rundir import RunDir, check_compatible
+from pipeline.training import TrainConfig, build_optimizer, epoch_line, optimiser_step, train_epoch
 from project.classifier import EmbeddingClassifier, finetune_parameters, parameter_groups, standardisation
 from stores import FeatureStore, identity_differences
 from stores.writer import atomic_write_text
@@ -163,6 +164,79 @@ def classify(
     report.
     """
     task = "fine-tune" if fine_tune else "linear-probe"
+    _check_settings(features, epochs, batch_size, lr, fine_tune, run_dir, out_dir)
+    eval_every = eval_every or (1 if fine_tune else max(1, epochs // 10))
+    train, test = FeatureStore.open(train_store), FeatureStore.open(test_store)
+    _check_stores(train, test)
+    classes, train_y, test_y, absent = _targets(train, test)
+    y_train, y_test = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
+    setup = (_fine_tune_setup if fine_tune else _probe_setup)(train, test, run_dir, features, len(classes), seed,
+                                                              device)
+    classifier = setup.classifier
+    params = [p for p in classifier.parameters() if p.requires_grad]
+    # The probe keeps torch's default AdamW betas (0.9, 0.999), not the paper's fit-up ones.
+    optimizer = build_optimizer(params, TrainConfig(lr=lr, beta1=0.9, beta2=0.999, weight_decay=weight_decay))
+    generator = torch.Generator().manual_seed(seed)  # one generator for every epoch's order
+    eval_batch = 4096 if not fine_tune else max(batch_size, 256)
+
+    def step(batch: tuple[np.ndarray, tuple], where: str) -> tuple[float, int]:
+        rows, inputs = batch
+        loss = F.cross_entropy(classifier(*inputs), y_train[torch.from_numpy(rows).to(device)])
+        return optimiser_step(optimizer, loss, where, "lower --lr"), len(rows)
+
+    checkpoints = []
+    for epoch in range(1, epochs + 1):
+        classifier.train()
+        order = torch.randperm(len(train), generator=generator).numpy()
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        # Fine-tuning reads tokens from the store for every step: the next batch is read while one trains.
+        loss = train_epoch(prefetched(batches, setup.train_inputs, ahead=2 if fine_tune else 0), step,
+                           f"in {task} at epoch {epoch}")
+        if epoch % eval_every == 0 or epoch == epochs:
+            checkpoints.append(_checkpoint(setup, epoch, loss, y_train, y_test, eval_batch, progress))
+    best = max(checkpoints, key=lambda r: r["test"]["top1"])  # first of equals: the earliest epoch
+    report: dict[str, Any] = {
+        "task": task,
+        "features": features,
+        "space": setup.space,
+        "run": str(run_dir) if run_dir is not None else None,
+        **_store_fields(train, test),
+        "dim": setup.dim,
+        "classes": classes,
+        "classes_absent_from_test": absent,
+        "settings": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
+                     "eval_every": eval_every, "seed": seed, "optimizer": "AdamW", "standardised": True},
+        "checkpoints": checkpoints,
+        "final": {"epoch": checkpoints[-1]["epoch"], **checkpoints[-1]["test"]},
+        "best": {"epoch": best["epoch"], **best["test"], "selected_on": "test"},
+        "chance_top1": 1 / len(classes),
+        "majority_top1": float(np.bincount(test_y, minlength=len(classes)).max() / len(test_y)),
+    }
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"  # type: ignore[arg-type]
+    return _write_report(out, report, train, test, setup, params)
+
+
+def _checkpoint(setup: _Setup, epoch: int, loss: float, y_train: torch.Tensor, y_test: torch.Tensor, eval_batch: int,
+                progress: bool) -> dict:
+    """The record of an evaluated epoch: its training loss and its train and test accuracy (printed with
+    ``progress``)."""
+    record = {"epoch": epoch, "loss": loss,
+              "train": _accuracy(setup.classifier, setup.train_inputs, len(y_train), y_train, eval_batch),
+              "test": _accuracy(setup.classifier, setup.test_inputs, len(y_test), y_test, eval_batch)}
+    if progress:
+        print(epoch_line(None, epoch, loss, [f"train top1 {record['train']['top1']:.3f}",
+                                             f"test top1 {record['test']['top1']:.3f}"], width=4), flush=True)
+    return record
+
+
+def _store_fields(train: FeatureStore, test: FeatureStore) -> dict[str, Any]:
+    return {"modality": train.modality, "train_store": str(train.path), "test_store": str(test.path),
+            "train_store_key": train.key, "test_store_key": test.key, "train_items": len(train),
+            "test_items": len(test)}
+
+
+def _check_settings(features: str, epochs: int, batch_size: int, lr: float, fine_tune: bool,
+                    run_dir: str | Path | None, out_dir: str | Path | None) -> None:
     if features not in FEATURES:
         raise ProbeError(f"features must be one of {FEATURES}, not {features!r}")
     if epochs < 1 or batch_size < 1 or lr <= 0:
@@ -173,88 +247,60 @@ def classify(
         raise ProbeError("a probe on aligned embeddings needs --run RUN_DIR (or --features raw)")
     if out_dir is None and run_dir is None:
         raise ProbeError("give --run RUN_DIR or --out DIR: the report needs a place")
-    eval_every = eval_every or (1 if fine_tune else max(1, epochs // 10))
-    train, test = FeatureStore.open(train_store), FeatureStore.open(test_store)
-    _check_stores(train, test)
-    classes, train_y, test_y, absent = _targets(train, test)
-    y_train, y_test = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
 
-    if fine_tune:
-        model, loss_fn, config = _load_run(run_dir, train, test, device)  # type: ignore[arg-type]
-        # Standardise with the statistics of the embeddings before fine-tuning, then keep that map fixed.
-        mean, std = standardisation(embed_store(model, train.modality, train, device=device).float())
-        torch.manual_seed(seed)  # the classifier's initial weights and the head's dropout follow the seed
-        classifier = EmbeddingClassifier(len(mean), len(classes), head=model, modality=train.modality,
-                                         mean=mean, std=std).to(device)
-        trainable = finetune_parameters(model, train.modality)
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in trainable)
-        train_inputs, test_inputs = _store_inputs(train, device), _store_inputs(test, device)
-        space = f"the {train.modality} embeddings of run {run_dir}, fine-tuned"
-    else:
-        x_train, x_test, space = _features(train, test, run_dir, features, device)
-        x_train, x_test = x_train.float().to(device), x_test.float().to(device)
-        mean, std = standardisation(x_train)
-        torch.manual_seed(seed)  # the classifier's initial weights follow the seed
-        classifier = EmbeddingClassifier(x_train.shape[1], len(classes), mean=mean, std=std).to(device)
-        trainable = []
-        train_inputs, test_inputs = _tensor_inputs(x_train), _tensor_inputs(x_test)
-    params = [p for p in classifier.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    eval_batch = 4096 if not fine_tune else max(batch_size, 256)
-    checkpoints = []
-    for epoch in range(1, epochs + 1):
-        classifier.train()
-        total = 0.0
-        batches = torch.randperm(len(train), generator=generator).numpy()
-        batches = [batches[i : i + batch_size] for i in range(0, len(batches), batch_size)]
-        # Fine-tuning reads tokens from the store for every step: the next batch is read while one trains.
-        for batch, inputs in prefetched(batches, train_inputs, ahead=2 if fine_tune else 0):
-            target = y_train[torch.from_numpy(batch).to(device)]
-            loss = F.cross_entropy(classifier(*inputs), target)
-            total += optimiser_step(optimizer, loss, f"in {task} at epoch {epoch}", "lower --lr") * len(batch)
-        if epoch % eval_every == 0 or epoch == epochs:
-            record = {"epoch": epoch, "loss": total / len(train),
-                      "train": _accuracy(classifier, train_inputs, len(train), y_train, eval_batch),
-                      "test": _accuracy(classifier, test_inputs, len(test), y_test, eval_batch)}
-            checkpoints.append(record)
-            if progress:
-                print(f"epoch {epoch:>4}  loss {record['loss']:.4f}  train top1 {record['train']['top1']:.3f}  "
-                      f"test top1 {record['test']['top1']:.3f}", flush=True)
-    best = max(checkpoints, key=lambda r: r["test"]["top1"])  # first of equals: the earliest epoch
-    majority = float(np.bincount(test_y, minlength=len(classes)).max() / len(test_y))
-    report: dict[str, Any] = {
-        "task": task,
-        "features": features,
-        "space": space,
-        "run": str(run_dir) if run_dir is not None else None,
-        "modality": train.modality,
-        "train_store": str(train.path),
-        "test_store": str(test.path),
-        "train_store_key": train.key,
-        "test_store_key": test.key,
-        "train_items": len(train),
-        "test_items": len(test),
-        "dim": int(len(mean)),
-        "classes": classes,
-        "classes_absent_from_test": absent,
-        "settings": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
-                     "eval_every": eval_every, "seed": seed, "optimizer": "AdamW", "standardised": True},
-        "checkpoints": checkpoints,
-        "final": {"epoch": checkpoints[-1]["epoch"], **checkpoints[-1]["test"]},
-        "best": {"epoch": best["epoch"], **best["test"], "selected_on": "test"},
-        "chance_top1": 1 / len(classes),
-        "majority_top1": majority,
-    }
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"  # type: ignore[arg-type]
+
+@dataclass
+class _Setup:
+    """The classifier of a probe or fine-tune and what it reads: minibatch readers of the train and test sets."""
+
+    classifier: EmbeddingClassifier
+    train_inputs: Callable[[np.ndarray], tuple]
+    test_inputs: Callable[[np.ndarray], tuple]
+    space: str
+    dim: int
+    trainable: list[str] = field(default_factory=list)  # the run's head parameters that train (fine-tune)
+    loss_fn: Any = None
+    config: dict | None = None
+
+
+def _fine_tune_setup(train: FeatureStore, test: FeatureStore, run_dir: str | Path | None, features: str,
+                     classes: int, seed: int, device: str) -> _Setup:
+    model, loss_fn, config = _load_run(run_dir, train, test, device)  # type: ignore[arg-type]
+    # Standardise with the statistics of the embeddings before fine-tuning, then keep that map fixed.
+    mean, std = standardisation(embed_store(model, train.modality, train, device=device).float())
+    torch.manual_seed(seed)  # the classifier's initial weights and the head's dropout follow the seed
+    classifier = EmbeddingClassifier(len(mean), classes, head=model, modality=train.modality,
+                                     mean=mean, std=std).to(device)
+    trainable = finetune_parameters(model, train.modality)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return _Setup(classifier, _store_inputs(train, device), _store_inputs(test, device),
+                  f"the {train.modality} embeddings of run {run_dir}, fine-tuned", int(len(mean)), trainable,
+                  loss_fn, config)
+
+
+def _probe_setup(train: FeatureStore, test: FeatureStore, run_dir: str | Path | None, features: str, classes: int,
+                 seed: int, device: str) -> _Setup:
+    x_train, x_test, space = _features(train, test, run_dir, features, device)
+    x_train, x_test = x_train.float().to(device), x_test.float().to(device)
+    mean, std = standardisation(x_train)
+    torch.manual_seed(seed)  # the classifier's initial weights follow the seed
+    classifier = EmbeddingClassifier(x_train.shape[1], classes, mean=mean, std=std).to(device)
+    return _Setup(classifier, _tensor_inputs(x_train), _tensor_inputs(x_test), space, int(len(mean)))
+
+
+def _write_report(out: Path, report: dict, train: FeatureStore, test: FeatureStore, setup: _Setup,
+                  params: list) -> dict:
+    """Write the report's JSON and Markdown (and, after a fine-tune, the fine-tuned weights) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     # Named by both stores (folder name and key prefix): another train or test store never replaces this report.
-    stem = f"{task}-{'raw-' if features == 'raw' else ''}{report_stem(test)}--train-{report_stem(train)}"
-    if fine_tune:
+    stem = (f"{report['task']}-{'raw-' if report['features'] == 'raw' else ''}{report_stem(test)}"
+            f"--train-{report_stem(train)}")
+    if report["task"] == "fine-tune":
         report["trainable_parameters"] = sum(p.numel() for p in params)
-        report["trained"] = [*parameter_groups(model, trainable, train.modality), "classifier"]
-        report["weights"] = str(_save_fine_tuned(out / stem, classifier, loss_fn, config, report))
+        head = setup.classifier.head
+        report["trained"] = [*parameter_groups(head, setup.trainable, train.modality), "classifier"]
+        report["weights"] = str(_save_fine_tuned(out / stem, setup.classifier, setup.loss_fn, setup.config, report))
     report["report_path"], report["markdown_path"] = str(out / f"{stem}.json"), str(out / f"{stem}.md")
     atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2))
     atomic_write_text(out / f"{stem}.md", probe_markdown(report))

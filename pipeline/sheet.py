@@ -98,59 +98,72 @@ def retrieval_sheet(
 
     # The gallery of eval retrieval: every image with a caption, every caption of such an image.
     relevance = pair_stores(images, texts).relevance()
-    anchors, captions = relevance.anchors, relevance.partners
-    emb_images = embed_store(model, "image", images, anchors, device=device, progress=True)
-    emb_texts = embed_store(model, "text", texts, captions, device=device, progress=True)
+    emb_images = embed_store(model, "image", images, relevance.anchors, device=device, progress=True)
+    emb_texts = embed_store(model, "text", texts, relevance.partners, device=device, progress=True)
     sim = emb_texts @ emb_images.T  # [captions, images]
     relevant = relevance.dense().T
-
-    image_items, image_problem = source_items(images)
-    text_items, text_problem = source_items(texts)
-    warnings = [f"{problem}: {what} are shown by id" for problem, what in
-                ((image_problem, "images"), (text_problem, "captions")) if problem]
-
-    def image_entry(position: int) -> dict:
-        index = int(anchors[position])
-        item = image_items.get(images.ids[index]) if image_items else None
-        return {"id": images.ids[index], "path": item.path if item is not None else None}
-
-    def text_entry(position: int) -> dict:
-        index = int(captions[position])
-        item = text_items.get(texts.ids[index]) if text_items else None
-        return {"id": texts.ids[index], "text": item.text if item is not None else None}
-
+    gallery = _Gallery(images, texts, relevance.anchors, relevance.partners)
     rows = []
     for direction in directions:
         rng = np.random.default_rng([seed, DIRECTIONS.index(direction)])  # each direction draws its own queries
-        if direction == "text->image":
-            picked = _rows(sim, relevant, _choose(len(captions), queries, rng), k)
-            query_entry, result_entry = text_entry, image_entry
-        else:
-            picked = _rows(sim.T, relevant.T, _choose(len(anchors), queries, rng), k)
-            query_entry, result_entry = image_entry, text_entry
-        for row in picked:
-            rows.append({"direction": direction, "query": query_entry(row["query"]), "rank": row["rank"],
-                         "results": [{**result_entry(r["position"]), "rank": n, "score": round(r["score"], 6),
-                                      "ground_truth": r["ground_truth"]}
-                                     for n, r in enumerate(row["results"], start=1)]})
+        rows += gallery.rows(direction, sim, relevant, rng, queries, k)
     report: dict[str, Any] = {
         "task": "retrieval-sheet", "run": str(run.path),
         "stores": {"image": str(images.path), "text": str(texts.path)},
         "queries_per_direction": queries, "k": k, "seed": seed, "directions": list(directions),
-        "gallery": {"image": len(anchors), "text": len(captions)},
+        "gallery": {"image": len(relevance.anchors), "text": len(relevance.partners)},
         "hits_in_top_k": {d: sum(1 for r in rows if r["direction"] == d and r["rank"] <= k) for d in directions},
-        "rows": rows, "warnings": warnings, "format": fmt, "out": str(out),
+        "rows": rows, "warnings": gallery.warnings, "format": fmt, "out": str(out),
     }
-    thumbs = _Thumbnails(thumb)
+    _write_sheet(out, report, _Thumbnails(thumb))
+    return report
+
+
+class _Gallery:
+    """The images and captions of the sheet, each shown by its manifest item (path or text) when it is there."""
+
+    def __init__(self, images: FeatureStore, texts: FeatureStore, anchors: np.ndarray, captions: np.ndarray) -> None:
+        self.images, self.texts, self.anchors, self.captions = images, texts, anchors, captions
+        self.image_items, image_problem = source_items(images)
+        self.text_items, text_problem = source_items(texts)
+        self.warnings = [f"{problem}: {what} are shown by id" for problem, what in
+                         ((image_problem, "images"), (text_problem, "captions")) if problem]
+
+    def image_entry(self, position: int) -> dict:
+        index = int(self.anchors[position])
+        item = self.image_items.get(self.images.ids[index]) if self.image_items else None
+        return {"id": self.images.ids[index], "path": item.path if item is not None else None}
+
+    def text_entry(self, position: int) -> dict:
+        index = int(self.captions[position])
+        item = self.text_items.get(self.texts.ids[index]) if self.text_items else None
+        return {"id": self.texts.ids[index], "text": item.text if item is not None else None}
+
+    def rows(self, direction: str, sim: torch.Tensor, relevant: torch.Tensor, rng: np.random.Generator,
+             queries: int, k: int) -> list[dict]:
+        """The sheet's rows of one direction: ``queries`` drawn queries, each with its top ``k`` results."""
+        if direction == "text->image":
+            picked = _rows(sim, relevant, _choose(len(self.captions), queries, rng), k)
+            query_entry, result_entry = self.text_entry, self.image_entry
+        else:
+            picked = _rows(sim.T, relevant.T, _choose(len(self.anchors), queries, rng), k)
+            query_entry, result_entry = self.image_entry, self.text_entry
+        return [{"direction": direction, "query": query_entry(row["query"]), "rank": row["rank"],
+                 "results": [{**result_entry(r["position"]), "rank": n, "score": round(r["score"], 6),
+                              "ground_truth": r["ground_truth"]}
+                             for n, r in enumerate(row["results"], start=1)]}
+                for row in picked]
+
+
+def _write_sheet(out: Path, report: dict, thumbs: _Thumbnails) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "html":
+    if report["format"] == "html":
         atomic_write_text(out, _html(report, thumbs))
     else:
         canvas = _png(report, thumbs)
         tmp = out.with_name(f".{out.name}.tmp")
         canvas.save(tmp, format="PNG")
         tmp.replace(out)
-    return report
 
 
 # ---- media -------------------------------------------------------------------------------------------------------

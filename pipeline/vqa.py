@@ -27,6 +27,7 @@ import math
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,10 +37,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pipeline.embed import embed_store
-from pipeline.fit import TrainConfig, TrainingError, optimiser_step, store_record
+from pipeline.fit import store_record
 from pipeline.pairs import pair_stores
 from pipeline.prefetch import prefetched, to_device, token_batch
 from pipeline.rundir import RunDir, RunError, check_compatible
+from pipeline.training import (
+    TrainConfig,
+    TrainingError,
+    build_optimizer,
+    epoch_generator,
+    epoch_line,
+    optimiser_step,
+    seconds_since,
+    train_epoch,
+)
 from pipeline.vqa_metrics import answer_metrics, canonical_answer, wordnet_similarity
 from project.vqa import VQAHead, VQAHeadConfig, VQAModel
 from stores import FeatureStore
@@ -144,29 +155,20 @@ def fit_vqa(
     run = RunDir(run_dir)
     encoder, _, config = run.load_model(train.device)
     out_dir = Path(out) if out is not None else run.path / "vqa"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        config_file = out_dir / "config.json"
-        if not config_file.is_file() or json.loads(config_file.read_text()).get("task") != "vqa":
-            raise RunError(f"{out_dir} exists and is not a VQA output folder; choose another --out")
-        if not overwrite:
-            raise RunError(f"{out_dir} already holds a VQA model; pass --overwrite to replace it")
+    _check_out_dir(out_dir, overwrite)
     train_split = load_split(config, image_store, question_store, "train")
     test_split = (load_split(config, test_image_store, test_question_store, "test")
                   if test_image_store is not None else None)
     answers = answer_vocabulary(train_split.answers)
     if len(answers) < 2:
         raise TrainingError(f"the training questions have {len(answers)} distinct answer(s); a classifier needs 2+")
-    index = {a: k for k, a in enumerate(answers)}
-    targets = torch.tensor([index[a] for a in train_split.answers])
 
     torch.manual_seed(train.seed)  # the head's initial weights follow --seed
     head_config = VQAHeadConfig(width=int(encoder.config.width), answers=len(answers), hidden=settings.hidden,
                                 dropout=settings.dropout, fusion=settings.fusion)
     model = VQAModel(encoder, VQAHead(head_config)).to(train.device)
     encoder.requires_grad_(settings.unfreeze)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.beta1, train.beta2),
-                                  weight_decay=train.weight_decay)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
     # Frozen: the embeddings never change, so they are computed once (the classifier then trains in memory).
     frozen_cache = {"train": embeddings(model, train_split, train.device)} if not settings.unfreeze else {}
     if test_split is not None and not settings.unfreeze:
@@ -185,49 +187,91 @@ def fit_vqa(
                    for name, s in (("train", train_split), ("test", test_split)) if s is not None},
     }
     atomic_write_text(out_dir / "config.json", json.dumps(vqa_config, indent=2, sort_keys=True))
-
-    pin = torch.device(train.device).type == "cuda"
-
-    def fetch(rows: np.ndarray) -> tuple:
-        """Token batches of the questions ``rows`` and of their images (read in the prefetch thread)."""
-        return (token_batch(train_split.images, train_split.image_of[rows], pin),
-                token_batch(train_split.questions, rows, pin))
-
+    trainer = _AnswerTrainer(model, optimizer, train_split, answers, frozen_cache, settings.unfreeze, train)
     for epoch in range(1, train.epochs + 1):
-        started = time.perf_counter()
-        generator = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
-        batches = [b.numpy() for b in torch.randperm(len(targets), generator=generator).split(train.batch_size)]
-        model.train(settings.unfreeze)  # a frozen UP stays in eval mode (no dropout): frozen means frozen
-        model.head.train()
-        total, correct = 0.0, 0
-        if settings.unfreeze:
-            steps = ((rows, model(*(x for side in fetched for x in to_device(side, train.device))))
-                     for rows, fetched in prefetched(batches, fetch))
-        else:
-            image_emb, question_emb = frozen_cache["train"]
-            steps = ((rows, model.head(image_emb[train_split.image_of[rows]].to(train.device),
-                                       question_emb[rows].to(train.device))) for rows in batches)
-        for step, (rows, logits) in enumerate(steps):
-            y = targets[rows].to(train.device)
-            loss = F.cross_entropy(logits, y)
-            total += optimiser_step(optimizer, loss, f"at epoch {epoch}, step {step + 1}",
-                                    "lower --lr or check the stores for non-finite values") * len(rows)
-            correct += int((logits.argmax(1) == y).sum())
-        record = {"epoch": epoch, "loss": total / len(targets), "train_accuracy": correct / len(targets),
-                  "seconds": round(time.perf_counter() - started, 3)}
-        if test_split is not None:
-            predicted = predict(model, test_split, answers, train.device, cache=frozen_cache.get("test"))
-            record["test_accuracy"] = answer_metrics(predicted, test_split.answers)["accuracy"]
+        record = trainer.epoch(epoch, test_split)
         with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
         if progress:
-            print(f"[fit-vqa] epoch {epoch:>3}  loss {record['loss']:.4f}  train acc {record['train_accuracy']:.3f}"
-                  + (f"  test acc {record['test_accuracy']:.3f}" if "test_accuracy" in record else "")
-                  + f"  ({record['seconds']:.1f}s)", flush=True)
+            accuracies = [f"train acc {record['train_accuracy']:.3f}"]
+            accuracies += [f"test acc {record['test_accuracy']:.3f}"] if "test_accuracy" in record else []
+            print(epoch_line("fit-vqa", epoch, record["loss"], accuracies, record["seconds"]), flush=True)
 
     _save_weights(model, settings.unfreeze, out_dir / WEIGHTS_FILE)
     report = _report(model, vqa_config, train_split, test_split, answers, frozen_cache, train.device, out_dir)
     return report
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds something other than a VQA model, or one without ``overwrite``."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        config_file = out_dir / "config.json"
+        if not config_file.is_file() or json.loads(config_file.read_text()).get("task") != "vqa":
+            raise RunError(f"{out_dir} exists and is not a VQA output folder; choose another --out")
+        if not overwrite:
+            raise RunError(f"{out_dir} already holds a VQA model; pass --overwrite to replace it")
+
+
+@dataclass
+class _AnswerTrainer:
+    """The epoch loop of fit-vqa: cross-entropy on the answers, from the frozen embeddings cached in memory or,
+    with ``unfreeze``, from token batches read from the stores every step."""
+
+    model: VQAModel
+    optimizer: torch.optim.Optimizer
+    split: QASplit
+    answers: list[str]
+    frozen_cache: dict
+    unfreeze: bool
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        index = {a: k for k, a in enumerate(self.answers)}
+        self.targets = torch.tensor([index[a] for a in self.split.answers])
+        self.pin = torch.device(self.train.device).type == "cuda"
+
+    def fetch(self, rows: np.ndarray) -> tuple:
+        """Token batches of the questions ``rows`` and of their images (read in the prefetch thread)."""
+        return (token_batch(self.split.images, self.split.image_of[rows], self.pin),
+                token_batch(self.split.questions, rows, self.pin))
+
+    def logits(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        device = self.train.device
+        if self.unfreeze:
+            for rows, fetched in prefetched(batches, self.fetch):
+                yield rows, self.model(*(x for side in fetched for x in to_device(side, device)))
+        else:
+            image_emb, question_emb = self.frozen_cache["train"]
+            for rows in batches:
+                yield rows, self.model.head(image_emb[self.split.image_of[rows]].to(device),
+                                            question_emb[rows].to(device))
+
+    def epoch(self, epoch: int, test_split: QASplit | None) -> dict:
+        """Train one epoch; its metrics record (loss, training accuracy and, with a test split, test accuracy)."""
+        started = time.perf_counter()
+        generator = epoch_generator(self.train.seed, epoch)
+        batches = [b.numpy() for b in torch.randperm(len(self.targets), generator=generator).split(self.train.batch_size)]
+        self.model.train(self.unfreeze)  # a frozen UP stays in eval mode (no dropout): frozen means frozen
+        self.model.head.train()
+        correct = 0
+
+        def step(batch: tuple[np.ndarray, torch.Tensor], where: str) -> tuple[float, int]:
+            nonlocal correct
+            rows, logits = batch
+            y = self.targets[rows].to(self.train.device)
+            value = optimiser_step(self.optimizer, F.cross_entropy(logits, y), where,
+                                   "lower --lr or check the stores for non-finite values")
+            correct += int((logits.argmax(1) == y).sum())
+            return value, len(rows)
+
+        loss = train_epoch(self.logits(batches), step, f"at epoch {epoch}")
+        record = {"epoch": epoch, "loss": loss, "train_accuracy": correct / len(self.targets),
+                  "seconds": seconds_since(started)}
+        if test_split is not None:
+            predicted = predict(self.model, test_split, self.answers, self.train.device,
+                                cache=self.frozen_cache.get("test"))
+            record["test_accuracy"] = answer_metrics(predicted, test_split.answers)["accuracy"]
+        return record
 
 
 def _save_weights(model: VQAModel, with_encoder: bool, path: Path) -> None:
