@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from stores import OneEncoderError
+
 from .filehash import file_sha256, files_sha256
 from .manifest import Item, escape_surrogates, unicode_problem
 from .media import (
@@ -131,7 +133,7 @@ def image_tokens_start_with_cls(identity: dict[str, Any]) -> bool:
             and encoder.get("model_type") in CLS_FIRST_MODEL_TYPES)
 
 
-class EncoderError(RuntimeError):
+class EncoderError(OneEncoderError, RuntimeError):
     """An encoder spec cannot be resolved, loaded or used as asked."""
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.manifest import manifest_sha256, read_manifest, write_manifest
-from extract.run import _TORCH_DTYPES, ExtractionError, run_extraction, settings_from_identity
+from extract.run import ExtractionError, run_extraction, settings_from_identity
 
 
 def repair_store(store: str | os.PathLike[str], *, trust_plugins: bool = False) -> list[str]:
@@ -25,12 +25,22 @@ def repair_store(store: str | os.PathLike[str], *, trust_plugins: bool = False) 
     Nothing is removed before its replacement is verified: a shard whose re-extraction matches neither its recorded
     hash nor the object in the store is left as it is, and the other shards are still repaired before the error."""
     from extract.encoders import check_recorded_spec
-    from stores import FeatureStore
-    from stores.errors import StoreError
-    from stores.integrity import shard_entries, verify
-    from stores.layout import ERRORS_FILE, ITEMS_FILE, read_meta, token_array_name
-    from stores.location import Location
-    from stores.writer import commit_plan, open_group, read_jsonl, rewrite_shard
+    from stores import (
+        ERRORS_FILE,
+        ITEMS_FILE,
+        FeatureStore,
+        Location,
+        StoreError,
+        as_torch_dtype,
+        commit_plan,
+        open_group,
+        read_jsonl,
+        read_meta,
+        rewrite_shard,
+        shard_entries,
+        token_array_name,
+        verify,
+    )
 
     store = Location.of(store)
     meta = read_meta(store)
@@ -85,7 +95,7 @@ def repair_store(store: str | os.PathLike[str], *, trust_plugins: bool = False) 
                                "media gone or changed)")
                 continue
             # Read back in the stored dtype: exact, so the rows are the re-extracted bytes.
-            tokens, mask = scratch.get_batch([scratch.index_of(i) for i in ids], dtype=_TORCH_DTYPES[meta.dtype])
+            tokens, mask = scratch.get_batch([scratch.index_of(i) for i in ids], dtype=as_torch_dtype(meta.dtype))
         rows = tokens[:, 0] if meta.layout == "pooled" else tokens if meta.layout == "fixed" else tokens[mask]
         data = rows[lo - int(starts[first]) : hi - int(starts[first])]
         recorded = entries.get(problem.shard)

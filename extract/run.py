@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from stores import DTYPES, OneEncoderError, as_torch_dtype
+
 from .encoders import (
     EncoderNotCachedError,
     FrozenEncoder,
@@ -37,12 +39,7 @@ from .progress import progress_bar
 
 __all__ = ["DTYPES", "ExtractionError", "ExtractionOptionsError", "ExtractionResult", "run_extraction"]
 
-# CLI/identity names -> the store's dtype names.
-DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class ExtractionError(RuntimeError):
+class ExtractionError(OneEncoderError, RuntimeError):
     """An item failed with ``on_error="fail"``, or the encoder produced unusable output."""
 
 
@@ -205,7 +202,7 @@ def _error_record(item: Item, reason: str) -> dict[str, Any]:
 def _existing_summary(store: str) -> dict[str, Any]:
     """items/failed/tokens/bytes of a finished store, from its metadata (no token data is read)."""
     try:
-        from stores.catalog import describe
+        from stores import describe
 
         info = describe(store)
         summary = info.get("summary") or {}
@@ -236,7 +233,7 @@ def settings_from_identity(identity: dict[str, Any]) -> dict[str, Any]:
 
 def read_meta_summary(store: str) -> dict[str, Any]:
     """The summary a store recorded (at creation: expected items, batch size, manifest)."""
-    from stores.layout import read_meta
+    from stores import read_meta
 
     meta = read_meta(store)
     return dict(meta.summary or {}) if meta else {}
@@ -275,7 +272,7 @@ def _encode_into(writer: Any, items: list[Item], encoder: FrozenEncoder, bar: An
     n_failed = 0
     first_failures: list[str] = []
     store_dtype = DTYPES[dtype]
-    torch_dtype = _TORCH_DTYPES[store_dtype]
+    torch_dtype = as_torch_dtype(store_dtype)
     for batch in loader:
         sources = _sources(batch)
         failures: list[tuple[Item, str]] = list(batch.get("failed", ()))
@@ -555,7 +552,7 @@ def _broadcast(obj: Any) -> Any:
 
 def _started_distributed(store_path: str) -> bool:
     """An unfinished store begun by a distributed extraction: it resumes through its parts, whatever the world."""
-    from stores.layout import read_meta
+    from stores import read_meta
 
     try:
         meta = read_meta(store_path)
@@ -620,9 +617,8 @@ def _extract_distributed(items: list[Item], identity: dict[str, Any], encoder: F
     Then each rank writes the final shards it owns from the parts, and rank 0 writes the tables and marks the
     store complete. A resumed run (any world size) keeps every finished part and verified shard and redoes the rest.
     """
-    from stores import StoreMismatchError, StoreWriter, identity_key, store_status
+    from stores import StoreMismatchError, StoreWriter, identity_key, read_meta, store_status
     from stores import parts as staging
-    from stores.layout import read_meta
 
     rank, world = _rank(), _world_size()
     key = identity_key(identity)

@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from pipeline.pairs import pair_stores
-from stores import FeatureStore
-from stores.writer import atomic_write_text
+from stores import FeatureStore, OneEncoderError, atomic_write_text
 
 
 def _as_matrix(x: Any, name: str) -> Tensor:
@@ -264,7 +263,7 @@ def render_heatmap_png(
 # ---------------------------------------------------------------- stores -> ranking (the ``cka`` command)
 
 
-class CKAError(ValueError):
+class CKAError(OneEncoderError, ValueError):
     """The stores or pairs given to ``cka`` cannot be compared."""
 
 
@@ -380,8 +379,7 @@ def store_cka(
     estimator on the same pairs with the row store replaced by seeded Gaussian noise of its width. A pair worth
     aligning clears it by a clear margin. With ``out``, writes ``cka.json`` and the heatmap ``cka.png`` there.
     """
-    from stores.location import is_url
-    from stores.reader import DEFAULT_RAM_BUDGET_GB
+    from stores import DEFAULT_RAM_BUDGET_GB, is_url
 
     if estimator not in ESTIMATORS:
         raise CKAError(f"estimator must be one of {ESTIMATORS}, not {estimator!r}")

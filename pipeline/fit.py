@@ -29,10 +29,10 @@ from pipeline.prefetch import prefetched, to_device, token_batch
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, RunError
 from project import HEADS, ContrastiveLoss
-from stores import FeatureStore
+from stores import FeatureStore, OneEncoderError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(OneEncoderError, RuntimeError):
     """Training cannot start or cannot go on (bad inputs, non-finite loss)."""
 
 
