@@ -71,6 +71,13 @@ def all_gather_object(obj: object) -> list:
     return out
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``; any other name is returned as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def local_device(device: str) -> str:
     """``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun, so each process drives its own GPU."""
     if env_world_size() > 1 and device == "cuda":
