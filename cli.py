@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-DTYPES = ["fp16", "fp32", "bf16"]
+from stores import DTYPES, OneEncoderError
 
 
 class StoreParam(click.ParamType):
@@ -22,7 +22,7 @@ class StoreParam(click.ParamType):
         self.new = new
 
     def convert(self, value, param, ctx):
-        from stores.location import is_url
+        from stores import is_url
 
         if isinstance(value, Path) or not is_url(str(value)):
             path = Path(str(value).removeprefix("file://"))
@@ -35,35 +35,56 @@ class StoreParam(click.ParamType):
 STORE = StoreParam()
 
 
-# The project's own error classes, by defining module. An error of a class can only exist once its module is loaded,
-# so they are looked up among the modules the command already imported: each command pays only for its own imports.
-KNOWN_ERRORS = (
-    ("extract.manifest", "ManifestError"), ("extract.media", "MediaError"), ("extract.encoders", "EncoderError"),
-    ("extract.run", "ExtractionError"), ("extract.adapters.common", "DatasetError"), ("stores.errors", "StoreError"),
-    ("pipeline.rundir", "RunError"), ("pipeline.fit", "TrainingError"), ("pipeline.pairs", "PairingError"),
-    ("pipeline.evaluate", "EvaluationError"), ("pipeline.cka", "CKAError"), ("pipeline.curate", "CurationError"),
-    ("pipeline.presets", "PresetError"), ("pipeline.embed", "EmbedError"),
-)
+class Commands(click.Group):
+    """The command tree. A project error (:class:`~stores.errors.OneEncoderError`: a bad manifest, a mismatched
+    store, a missing encoder, ...) raised anywhere below becomes one line and exit status 1, never a traceback."""
 
+    group_class = type  # subgroups (manifest, eval, stores) are Commands too
 
-def _is_known(error: BaseException) -> bool:
-    return any(isinstance(error, getattr(sys.modules[module], name))
-               for module, name in KNOWN_ERRORS if module in sys.modules)
-
-
-def friendly_errors(command):
-    """Turn the project's own errors (bad manifest, mismatched store, ...) into one clear line and exit 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def invoke(self, ctx: click.Context):
         try:
-            return command(*args, **kwargs)
-        except Exception as err:
-            if _is_known(err):
-                raise click.ClickException(str(err)) from err
-            raise
+            return super().invoke(ctx)
+        except OneEncoderError as err:
+            raise click.ClickException(str(err)) from err
 
-    return wrapper
+
+def _resolve_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    from pipeline.distributed import resolve_device
+
+    return resolve_device(value)
+
+
+# Options several commands share, declared once.
+device_option = click.option("--device", default="auto", show_default=True, callback=_resolve_device,
+                             help="auto (cuda when present), cpu, cuda or cuda:N")
+sampling_option = click.option("--sampling", type=click.Choice(["one-per-anchor", "all"]), default="one-per-anchor",
+                               show_default=True, help="one random caption per image per epoch, or every pair")
+RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def run_option(*aliases: str, required: bool = True, help: str | None = None):
+    """``--run`` (a trained run's directory, plus ``aliases``), passed to the command as ``run_dir``."""
+    return click.option("--run", *aliases, "run_dir", type=RUN_DIR, required=required, default=None, help=help)
+
+
+def _apply(options: list):
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def optimiser_options(epochs: int, batch_size: int, weight_decay: float = 1e-3, lr_help: str | None = None):
+    """--epochs, --batch-size, --lr, --weight-decay, --seed: every command that trains has them (defaults differ)."""
+    return _apply([
+        click.option("--epochs", default=epochs, show_default=True),
+        click.option("--batch-size", default=batch_size, show_default=True),
+        click.option("--lr", default=1e-3, show_default=True, help=lr_help),
+        click.option("--weight-decay", default=weight_decay, show_default=True),
+        click.option("--seed", default=0, show_default=True),
+    ])
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -78,7 +99,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="the project's version and its dependencies' (from their metadata), then exit")
 @click.option("-q", "--quiet", is_flag=True, help="only warnings and errors on stderr: no progress, no summaries")
@@ -109,8 +130,8 @@ def main(quiet: bool, verbose: int) -> None:
               help="--inputs: folder for the equivalent manifest and unpacked media (default: the user cache)")
 @click.option("--store", required=True, help="output store directory; '{key}' in it is replaced by the cache key")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp16", show_default=True, help="stored dtype")
+@device_option
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp16", show_default=True, help="stored dtype")
 @click.option("--keep", type=click.Choice(["tokens", "pooled"]), default="tokens", show_default=True)
 @click.option("--pool", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
               help="how --keep pooled reduces tokens: masked mean or token 0")
@@ -144,7 +165,6 @@ def main(quiet: bool, verbose: int) -> None:
               help="audio: longest audio decoded at once (default 3600); a longer one is an error record")
 @click.option("--max-video-pixels", type=int, default=None,
               help="video: pixels of every sampled frame of one video together (default 150,000,000)")
-@friendly_errors
 def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, id_column, inputs_dir, store,
             batch_size, device, dtype, keep, pool, layer, max_tokens, workers, shard_mb, commit_seconds, on_error,
             overwrite, sample_rate, max_seconds, segment, frames, sampling, fps, clips, frame_pool, resampler,
@@ -189,7 +209,6 @@ def manifest() -> None:
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--split", default=None, help="split name of the outputs (default: the file name without captions_)")
-@friendly_errors
 def manifest_coco(annotations, images, out, split) -> None:
     """COCO captions JSON -> SPLIT.images.jsonl + SPLIT.captions.jsonl (captions 'ref' their image)."""
     from extract.adapters import coco_captions_to_manifests
@@ -201,7 +220,6 @@ def manifest_coco(annotations, images, out, split) -> None:
 @manifest.command("imagefolder")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@friendly_errors
 def manifest_imagefolder(root, out) -> None:
     """ROOT/<class>/<image> tree -> manifest with 'label' = class folder name."""
     from extract.adapters import image_folder_to_manifest
@@ -222,7 +240,6 @@ _TEST_FOLD = click.option("--test-fold", type=int, default=None,
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="the image folder (flickr30k-images)")
 @_OUT_DIR
-@friendly_errors
 def manifest_flickr30k(captions, images, out) -> None:
     """Karpathy split JSON (dataset_flickr30k.json; also flickr8k/coco) -> SPLIT.images.jsonl + SPLIT.captions.jsonl;
     results_20130124.token or results.csv -> all.images.jsonl + all.captions.jsonl."""
@@ -235,7 +252,6 @@ def manifest_flickr30k(captions, images, out) -> None:
 @click.argument("source", type=_SOURCE)
 @_OUT_DIR
 @click.option("--lowercase", is_flag=True, help="lower-case the (upper-case) transcripts")
-@friendly_errors
 def manifest_librispeech(source, out, lowercase) -> None:
     """LibriSpeech folder or subset -> SUBSET.audio.jsonl + SUBSET.transcripts.jsonl (transcripts 'ref' audio)."""
     from extract.adapters import librispeech_to_manifests
@@ -248,7 +264,6 @@ def manifest_librispeech(source, out, lowercase) -> None:
 @_OUT_DIR
 @_TEST_FOLD
 @click.option("--esc10", is_flag=True, help="only the ESC-10 subset")
-@friendly_errors
 def manifest_esc50(source, out, test_fold, esc10) -> None:
     """ESC-50 folder (meta/esc50.csv + audio/) -> foldK.jsonl, label = category."""
     from extract.adapters import esc50_to_manifests
@@ -260,7 +275,6 @@ def manifest_esc50(source, out, test_fold, esc10) -> None:
 @click.argument("source", type=_SOURCE)
 @_OUT_DIR
 @_TEST_FOLD
-@friendly_errors
 def manifest_urbansound8k(source, out, test_fold) -> None:
     """UrbanSound8K folder (metadata/UrbanSound8K.csv + audio/foldN/) -> foldN.jsonl, label = class."""
     from extract.adapters import urbansound8k_to_manifests
@@ -271,7 +285,6 @@ def manifest_urbansound8k(source, out, test_fold) -> None:
 @manifest.command("gtzan")
 @click.argument("source", type=_SOURCE)
 @_OUT_DIR
-@friendly_errors
 def manifest_gtzan(source, out) -> None:
     """GTZAN genres/<genre>/*.wav -> all.jsonl, label = genre."""
     from extract.adapters import gtzan_to_manifests
@@ -282,7 +295,6 @@ def manifest_gtzan(source, out) -> None:
 @manifest.command("cifar10")
 @click.argument("source", type=_SOURCE)
 @_OUT_DIR
-@friendly_errors
 def manifest_cifar10(source, out) -> None:
     """cifar-10-batches-py -> PNGs under OUT/images/ + train.jsonl, test.jsonl, classes.txt."""
     from extract.adapters import cifar_to_manifests
@@ -295,7 +307,6 @@ def manifest_cifar10(source, out) -> None:
 @_OUT_DIR
 @click.option("--label", type=click.Choice(["fine", "coarse"]), default="fine", show_default=True,
               help="the 100 fine classes or the 20 superclasses")
-@friendly_errors
 def manifest_cifar100(source, out, label) -> None:
     """cifar-100-python -> PNGs under OUT/images/ + train.jsonl, test.jsonl, classes.txt."""
     from extract.adapters import cifar_to_manifests
@@ -308,7 +319,6 @@ def manifest_cifar100(source, out, label) -> None:
 @click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="folder holding VIDEO_ID.mp4 files (searched recursively)")
 @_OUT_DIR
-@friendly_errors
 def manifest_msrvtt(annotations, videos, out) -> None:
     """MSR-VTT annotation JSON(s) -> SPLIT.videos.jsonl + SPLIT.captions.jsonl (captions 'ref' their video);
     MSRVTT_JSFUSION_test.csv -> the 1k-A split test1k.videos.jsonl + test1k.captions.jsonl."""
@@ -324,7 +334,6 @@ def manifest_msrvtt(annotations, videos, out) -> None:
 @click.option("--subset", type=click.Choice(["37", "894"]), default=None,
               help="reduced (qa.37.*) or full (qa.894.*) DAQUAR, when SOURCE holds both")
 @_OUT_DIR
-@friendly_errors
 def manifest_daquar(source, images, subset, out) -> None:
     """DAQUAR qa.{37,894}.raw.{train,test}.txt -> SPLIT.images.jsonl + SPLIT.questions.jsonl (ref = image,
     label = answer)."""
@@ -338,7 +347,6 @@ def manifest_daquar(source, images, subset, out) -> None:
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="folder of IMAGE_ID.jpg (default: train_images/ or test_images/ beside each JSON file)")
 @_OUT_DIR
-@friendly_errors
 def manifest_textcaps(annotations, images, out) -> None:
     """TextCaps_0.1_{train,val,test}.json -> SPLIT.images.jsonl + SPLIT.captions.jsonl (captions 'ref' their image)."""
     from extract.adapters import textcaps_to_manifests
@@ -351,7 +359,6 @@ def manifest_textcaps(annotations, images, out) -> None:
 @_OUT_DIR
 @click.option("--label", type=click.Choice(["breed", "species"]), default="breed", show_default=True,
               help="the 37 breeds or cat/dog")
-@friendly_errors
 def manifest_oxford_pets(source, out, label) -> None:
     """Oxford-IIIT Pets (images/ + annotations/{trainval,test}.txt) -> trainval.jsonl, test.jsonl, classes.txt."""
     from extract.adapters import oxford_pets_to_manifests
@@ -367,7 +374,6 @@ def manifest_oxford_pets(source, out, label) -> None:
 @click.option("--per-class-test", type=int, default=None, help="at most this many test images per class")
 @click.option("--seed", type=int, default=0, show_default=True, help="which images the split picks (deterministic)")
 @click.option("--keep-background", is_flag=True, help="keep BACKGROUND_Google as a class")
-@friendly_errors
 def manifest_caltech101(source, out, per_class_train, per_class_test, seed, keep_background) -> None:
     """Caltech-101 101_ObjectCategories/<class>/*.jpg -> all.jsonl (or train/test), classes.txt."""
     from extract.adapters import caltech101_to_manifests
@@ -381,7 +387,6 @@ def manifest_caltech101(source, out, per_class_train, per_class_test, seed, keep
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_OUT_DIR
 @click.option("--label-names", is_flag=True, help="label with words.txt class names instead of wnids")
-@friendly_errors
 def manifest_tiny_imagenet(source, out, label_names) -> None:
     """tiny-imagenet-200 -> train.jsonl, val.jsonl (labelled), test.jsonl (unlabelled), classes.txt."""
     from extract.adapters import tiny_imagenet_to_manifests
@@ -398,7 +403,6 @@ def manifest_tiny_imagenet(source, out, label_names) -> None:
 @click.option("--language", default="English", show_default=True,
               help="CSV only: keep descriptions in this Language ('all' keeps every language)")
 @_OUT_DIR
-@friendly_errors
 def manifest_msvd(captions, videos, mapping, language, out) -> None:
     """MSVD AllVideoDescriptions.txt (or the corpus CSV) -> SPLIT.videos.jsonl + SPLIT.captions.jsonl."""
     from extract.adapters import msvd_to_manifests
@@ -412,7 +416,6 @@ def manifest_msvd(captions, videos, mapping, language, out) -> None:
 @click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="folder holding MOVIE/CLIP_ID.avi (any CLIP_ID video under it is found)")
 @_OUT_DIR
-@friendly_errors
 def manifest_lsmdc(annotations, videos, out) -> None:
     """LSMDC16_annos_*.csv (tab-separated) -> SPLIT.videos.jsonl + SPLIT.captions.jsonl (captions 'ref' clips)."""
     from extract.adapters import lsmdc_to_manifests
@@ -431,7 +434,6 @@ def manifest_lsmdc(annotations, videos, out) -> None:
               help="folder relative paths resolve against (default: the table's folder)")
 @click.option("--split", default=None, help="split name of the outputs (default: the table's file name)")
 @_OUT_DIR
-@friendly_errors
 def manifest_table(table, modality, path_column, text_column, id_column, label_column, media_root, split,
                    out) -> None:
     """Any CSV/TSV/Parquet of media paths (+ captions) -> SPLIT.{images,audio,videos}.jsonl (+ SPLIT.captions.jsonl)."""
@@ -449,7 +451,6 @@ def _text_manifest_command(name: str, dataset: str, summary: str) -> None:
     @click.option("--text-column", default=None, help="column or JSON field holding the text")
     @click.option("--label-column", default=None, help="column or field holding the label (TREC .label: coarse/fine)")
     @click.option("--id-column", default=None, help="column or field holding item ids (default: SPLIT-ROW)")
-    @friendly_errors
     def command(source, out, text_column, label_column, id_column) -> None:
         from extract.adapters import text_classification_to_manifests
 
@@ -468,14 +469,9 @@ def train_options(epochs: int, batch_size: int, lr_schedule: str = "constant", s
     """Options every fit stage shares (defaults differ: the paper's step 2 uses 100 epochs of batch 64; fit-up's
     schedule and selection are ours, docs/training.md)."""
     options = [
-        click.option("--epochs", default=epochs, show_default=True),
-        click.option("--batch-size", default=batch_size, show_default=True),
-        click.option("--lr", default=1e-3, show_default=True),
-        click.option("--weight-decay", default=1e-3, show_default=True),
+        optimiser_options(epochs, batch_size),
         click.option("--val-fraction", default=0.1, show_default=True),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--sampling", type=click.Choice(["one-per-anchor", "all"]), default="one-per-anchor",
-                     show_default=True, help="one random caption per image per epoch, or every pair"),
+        sampling_option,
         click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default=lr_schedule, show_default=True,
                      help="cosine: linear warm-up over --lr-warmup of the steps, then cosine to 0; constant: the "
                           "paper's"),
@@ -483,7 +479,7 @@ def train_options(epochs: int, batch_size: int, lr_schedule: str = "constant", s
         click.option("--select", type=click.Choice(["mean-rank", "rsum"]), default=select, show_default=True,
                      help="validation signal that picks the kept epoch: mean rank of the true partner (both ways) "
                           "or R@1+R@5+R@10 (both ways)"),
-        click.option("--device", default="cpu", show_default=True),
+        device_option,
         click.option("--resume", is_flag=True, help="continue the run from its last checkpoint"),
         click.option("--strict-pairs", is_flag=True,
                      help="refuse items whose partner is absent from the other store (default: leave them out, "
@@ -491,13 +487,7 @@ def train_options(epochs: int, batch_size: int, lr_schedule: str = "constant", s
         click.option("--no-tensorboard", "no_tensorboard", is_flag=True,
                      help="metrics.jsonl only, no RUN/tb/ event files"),
     ]
-
-    def apply(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
+    return _apply(options)
 
 
 def loss_options(command):
@@ -573,7 +563,6 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
 @train_options(epochs=30, batch_size=128, lr_schedule="cosine", select="mean-rank")
 @loss_options
 @preset_option("fit-up")
-@friendly_errors
 def fit_up(**options) -> None:
     """Step 1: train the Universal Projection on image-text pairs, from cached features only. --resume continues
     with the run's recorded options; an option given that differs from them is refused (--epochs may grow)."""
@@ -603,8 +592,7 @@ MODALITIES = ["image", "text", "audio", "video"]
 
 
 @main.command("fit-al")
-@click.option("--run", "--run-dir", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              required=True, help="the run to extend (--run-dir under torchrun, whose parser takes --run for its own)")
+@run_option("--run-dir", help="the run to extend (--run-dir under torchrun, whose parser takes --run for its own)")
 @click.option("--modality", required=True, help="the new modality, e.g. audio or video")
 @click.option("--store", type=STORE, required=True,
               help="feature store of the new modality")
@@ -615,7 +603,6 @@ MODALITIES = ["image", "text", "audio", "video"]
                    "layers; projector: freeze-align's own (its default)")
 @train_options(epochs=100, batch_size=64)
 @preset_option("fit-al")
-@friendly_errors
 def fit_al(**options) -> None:
     """Step 2: freeze the UP and align a new modality by training only its Alignment Layer, from cache. --resume
     continues with the stage's recorded options; an option given that differs from them is refused."""
@@ -640,8 +627,7 @@ def fit_al(**options) -> None:
 
 
 @main.command("fit-vqa")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="a trained run (its UP embeds both sides)")
+@run_option(help="a trained run (its UP embeds both sides)")
 @click.option("--image-store", type=STORE, required=True, help="training images")
 @click.option("--question-store", type=STORE, required=True,
               help="training questions (text store; ref = image id, label = answer)")
@@ -649,21 +635,16 @@ def fit_al(**options) -> None:
 @click.option("--test-question-store", type=STORE, default=None)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="output folder (default: RUN/vqa)")
-@click.option("--epochs", default=100, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--weight-decay", default=1e-3, show_default=True)
+@optimiser_options(epochs=100, batch_size=64)
 @click.option("--hidden", default=512, show_default=True,
               help="hidden width of the prediction head's MLP; 0: one linear layer (the paper's literal head)")
 @click.option("--dropout", default=0.1, show_default=True)
 @click.option("--fusion", type=click.Choice(["concat", "concat-product"]), default="concat", show_default=True,
               help="MLP input: [image; question] or [image; question; image * question] (unit vectors)")
 @click.option("--unfreeze", is_flag=True, help="train the UP with the head (the paper's setting); default: frozen")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--overwrite", is_flag=True, help="replace an existing VQA output folder")
 @preset_option("fit-vqa")
-@friendly_errors
 def fit_vqa(**options) -> None:
     """Visual question answering from cache: the run's UP embeds images and questions, a prediction head
     classifies into the training answers. Reports accuracy, macro F1 and WUPS@0.9/0.0 (WordNet permitting)."""
@@ -704,19 +685,13 @@ def fit_vqa(**options) -> None:
 @click.option("--width", default=256, show_default=True)
 @click.option("--blocks", default=4, show_default=True, help="--head up/dfe: transformer blocks")
 @click.option("--fusion", type=click.Choice(["add", "attention", "concat"]), default="add", show_default=True)
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True, help="learning rate of the head and temperature")
+@optimiser_options(epochs=10, batch_size=64, lr_help="learning rate of the head and temperature")
 @click.option("--encoder-lr", default=1e-5, show_default=True, help="learning rate of the encoders")
-@click.option("--weight-decay", default=1e-3, show_default=True)
 @click.option("--val-fraction", default=0.1, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--sampling", type=click.Choice(["one-per-anchor", "all"]), default="one-per-anchor",
-              show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@sampling_option
+@device_option
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @loss_options
-@friendly_errors
 def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, head, width, blocks, fusion, epochs,
              batch_size, lr, encoder_lr, weight_decay, val_fraction, seed, sampling, device, overwrite, loss_kind,
              target_mix, warmup_epochs, temperature) -> None:
@@ -755,7 +730,6 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
                                                             "RAM budget, ONEENCODER_RAM_BUDGET_GB or 4)")
 @click.option("--seed", default=0, show_default=True, help="order of the minibatches")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
-@friendly_errors
 def cka(store_paths, pairs_file, out, estimator, batch_size, memory_gb, seed, as_json) -> None:
     """Rank image x text encoder pairs by linear CKA of their pooled features on paired samples (freeze-align)."""
     from pipeline.cka import format_ranking, store_cka
@@ -772,11 +746,9 @@ def cka(store_paths, pairs_file, out, estimator, batch_size, memory_gb, seed, as
               help="store of the captions to choose from")
 @click.option("--per-concept", type=int, required=True, help="captions kept per concept (K)")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSONL manifest written")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="compare in this run's aligned space (required when the raw feature widths differ)")
+@run_option(required=False, help="compare in this run's aligned space (required when the raw feature widths differ)")
 @click.option("--batch-size", default=1024, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@friendly_errors
+@device_option
 def curate(prototypes, captions, per_concept, out, run_dir, batch_size, device) -> None:
     """Keep the K captions closest (cosine) to each concept prototype; each caption goes to its best concept."""
     from pipeline.curate import curate as run_curate
@@ -805,14 +777,13 @@ def _print_retrieval(report: dict) -> None:
 
 
 @evaluate.command("retrieval")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@run_option()
 @click.option("--image-store", type=STORE)
 @click.option("--text-store", type=STORE)
 @click.option("--audio-store", type=STORE)
 @click.option("--video-store", type=STORE)
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
-@friendly_errors
 def eval_retrieval(run_dir, image_store, text_store, audio_store, video_store, device, as_json) -> None:
     """Retrieval both ways between any two aligned modalities (give exactly two stores), including pairs never
     trained together (audio<->image: transitive alignment). R@1/5/10, P@1, recall@1, mAP, median and mean rank."""
@@ -826,7 +797,7 @@ def eval_retrieval(run_dir, image_store, text_store, audio_store, video_store, d
 
 
 @evaluate.command("sheet")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@run_option()
 @click.option("--image-store", type=STORE, required=True)
 @click.option("--text-store", type=STORE, required=True)
 @click.option("--queries", default=8, show_default=True, help="queries drawn per direction")
@@ -837,9 +808,8 @@ def eval_retrieval(run_dir, image_store, text_store, audio_store, video_store, d
 @click.option("--thumb", default=128, show_default=True, help="thumbnail size in pixels")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="FILE.html (self-contained page) or FILE.png (grid); default RUN/eval/retrieval-sheet.html")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
-@friendly_errors
 def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, thumb, out, device, as_json) -> None:
     """Qualitative retrieval sheet (the paper's Figure 4): captions -> top-k images and images -> top-k captions,
     ground truth highlighted; images and texts come from the stores' manifests (ids when those changed)."""
@@ -861,7 +831,7 @@ def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, th
 
 
 @evaluate.command("zero-shot")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@run_option()
 @click.option("--image-store", type=STORE, required=True)
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="one class name per line; item labels are class names or indices")
@@ -870,9 +840,8 @@ def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, th
 @click.option("--prompt-store", type=STORE, default=None,
               help="instead of text: a labelled store of another aligned modality whose items are the prompts, "
                    "e.g. spoken class names (the paper's Table VI)")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
-@friendly_errors
 def eval_zero_shot(run_dir, image_store, classes, template, text_encoder, prompt_store, device, as_json) -> None:
     """Classify images by similarity to prompts made from class names (or labelled audio clips); top-1..5 accuracy."""
     from pipeline.evaluate import evaluate_zero_shot
@@ -888,24 +857,18 @@ def eval_zero_shot(run_dir, image_store, classes, template, text_encoder, prompt
 
 
 @evaluate.command("linear-probe")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="the run whose aligned embeddings are probed; reports go to RUN/eval")
+@run_option(required=False, help="the run whose aligned embeddings are probed; reports go to RUN/eval")
 @click.option("--train-store", type=STORE, required=True,
               help="labelled store the classifier is trained on")
 @click.option("--test-store", type=STORE, required=True)
 @click.option("--features", type=click.Choice(["aligned", "raw"]), default="aligned", show_default=True,
               help="aligned: the run's L2-normalised embeddings; raw: the stores' pooled features (a baseline)")
-@click.option("--epochs", default=100, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--weight-decay", default=0.0, show_default=True)
+@optimiser_options(epochs=100, batch_size=256, weight_decay=0.0)
 @click.option("--eval-every", type=int, default=None, help="epochs between test checkpoints (default: epochs/10)")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="report folder (default: RUN/eval)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
-@friendly_errors
 def eval_linear_probe(run_dir, train_store, test_store, features, epochs, lr, batch_size, weight_decay, eval_every,
                       seed, device, out_dir, as_json) -> None:
     """Train a linear classifier on frozen cached features of a labelled store; test accuracy per checkpoint."""
@@ -927,22 +890,17 @@ def _print_classification(report: dict) -> None:
 
 
 @evaluate.command("fine-tune")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="the run whose head is fine-tuned (its own files are never written); reports go to RUN/eval")
+@run_option(help="the run whose head is fine-tuned (its own files are never written); reports go to RUN/eval")
 @click.option("--train-store", type=STORE, required=True,
               help="labelled store the head and classifier are trained on")
 @click.option("--test-store", type=STORE, required=True)
-@click.option("--epochs", default=100, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate of the head and the classifier")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--weight-decay", default=0.0, show_default=True)
+@optimiser_options(epochs=100, batch_size=256, weight_decay=0.0,
+                   lr_help="AdamW learning rate of the head and the classifier")
 @click.option("--eval-every", type=int, default=1, show_default=True, help="epochs between test checkpoints")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the report and the fine-tuned weights (default: RUN/eval)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
-@friendly_errors
 def eval_fine_tune(run_dir, train_store, test_store, epochs, lr, batch_size, weight_decay, eval_every, seed, device,
                    out_dir, as_json) -> None:
     """The paper's fine-tuning protocol: the run's head (UP + the modality's adapter) trains with a linear
@@ -961,7 +919,6 @@ def eval_fine_tune(run_dir, train_store, test_store, epochs, lr, batch_size, wei
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True,
               help="folder for report.md, report.json and the PNG plots")
-@friendly_errors
 def report(run_dirs, out) -> None:
     """Several runs side by side: one row per run (head, fusion, key options), then one table per task and set of
     stores evaluated on (by identity key), one column per metric of their eval reports (retrieval R@k, zero-shot,
@@ -975,17 +932,16 @@ def report(run_dirs, out) -> None:
 
 # ---- encode ------------------------------------------------------------------------------------------------------
 @main.command()
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@run_option()
 @click.option("--modality", required=True)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--encoder", "encoder_spec", default=None,
               help="the encoder the run's store was built with (default: the one it recorded)")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=".npy file (rows in input order; ids in FILE.ids.json); default: print JSON")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--trust-plugins", is_flag=True,
               help="run the encoder plugin the run recorded (its code runs: only for runs you trust)")
-@friendly_errors
 def encode(run_dir, modality, inputs, encoder_spec, out, device, trust_plugins) -> None:
     """Raw files (or strings for text) -> aligned, L2-normalised embeddings, via the same extraction path."""
     import numpy as np
@@ -1004,7 +960,7 @@ def encode(run_dir, modality, inputs, encoder_spec, out, device, trust_plugins) 
 
 # ---- embed, index, search ----------------------------------------------------------------------------------------
 @main.command("embed")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@run_option()
 @click.option("--store", type=STORE, required=True, help="store of any modality the run aligns")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="folder for the embeddings, their ids and embed.json (run and store identity)")
@@ -1013,10 +969,9 @@ def encode(run_dir, modality, inputs, encoder_spec, out, device, trust_plugins) 
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--chunk-rows", default=65536, show_default=True,
               help="rows written (and resumable) at a time; a parquet part each")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--overwrite", is_flag=True, help="replace embeddings made from another run or store")
 @click.option("--json", "as_json", is_flag=True, help="print the embed.json record")
-@friendly_errors
 def embed(run_dir, store, out, fmt, batch_size, chunk_rows, device, overwrite, as_json) -> None:
     """A whole store through the run's head: aligned unit vectors, written in chunks, resumable."""
     from pipeline.embed import embed_to_files
@@ -1039,7 +994,6 @@ def embed(run_dir, store, out, fmt, batch_size, chunk_rows, device, overwrite, a
 @click.option("--nlist", type=int, default=None, help="ivf: cells (default 4 sqrt(N))")
 @click.option("--nprobe", type=int, default=None, help="ivf: cells searched (default nlist / 16)")
 @click.option("--json", "as_json", is_flag=True, help="print the index.json record")
-@friendly_errors
 def index(folder, kind, nlist, nprobe, as_json) -> None:
     """Build a FAISS nearest-neighbour index over an embedding folder."""
     from pipeline.search import build_index
@@ -1050,8 +1004,7 @@ def index(folder, kind, nlist, nprobe, as_json) -> None:
 
 
 @main.command("search")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="the run that made the embeddings")
+@run_option(help="the run that made the embeddings")
 @click.option("--index", "folder", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="an embedding folder with an index")
 @click.option("--text", default=None, help="query text")
@@ -1065,9 +1018,8 @@ def index(folder, kind, nlist, nprobe, as_json) -> None:
               help="the encoder of the query's modality (default: the one the run's store recorded)")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the results as an HTML page")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-@friendly_errors
 def search(run_dir, folder, text, image_file, audio_file, video_file, item, item_store, k, encoder_spec, html_out,
            device, as_json) -> None:
     """The k nearest indexed items to a text, a media file or an item: rank, score, id and path (or text)."""
@@ -1107,7 +1059,7 @@ def stores() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list of the stores (docs/json.md)")
 def stores_ls(root, as_json) -> None:
     """Every feature store at or below ROOT, one line each (the path last, so long paths never shift columns)."""
-    from stores.catalog import describe, find_stores
+    from stores import describe, find_stores
 
     infos = [describe(path) for path in find_stores(root)]
     if as_json:
@@ -1134,12 +1086,9 @@ def stores_ls(root, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def stores_info(store, as_json) -> None:
     """What a store holds and how it was made (encoder, weights hash, preprocessing, manifest hash)."""
-    from stores.catalog import describe, format_info
+    from stores import describe, format_info
 
-    try:
-        info = describe(store)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+    info = describe(store)
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
 
 
@@ -1149,10 +1098,9 @@ def stores_info(store, as_json) -> None:
 @click.option("--trust-plugins", is_flag=True,
               help="let --repair run the encoder plugin the store recorded (its code runs: only for stores you trust)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON (docs/json.md); exit 1 still means bad")
-@friendly_errors
 def stores_verify(store, repair, trust_plugins, as_json) -> None:
     """Re-hash every shard against the store's manifest; name any missing, truncated or altered one."""
-    from stores.integrity import verify
+    from stores import verify
 
     problems = verify(store)
     repaired = None
@@ -1181,7 +1129,6 @@ def stores_verify(store, repair, trust_plugins, as_json) -> None:
 @stores.command("errors")
 @click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (docs/json.md)")
-@friendly_errors
 def stores_errors(store, as_json) -> None:
     """Items the extraction left out, with the reason."""
     from stores import FeatureStore
@@ -1202,7 +1149,6 @@ def stores_errors(store, as_json) -> None:
               help="one HDF5 file, or a folder of .npy files + meta.json")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
-@friendly_errors
 def stores_export(store, fmt, out, overwrite) -> None:
     """Write a store's tokens, lengths, ids, labels, refs and identity to HDF5 or .npy (docs/store-format.md)."""
     from stores.interop import export_store
@@ -1214,11 +1160,10 @@ def stores_export(store, fmt, out, overwrite) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--store", type=StoreParam(new=True), required=True, help="store to write")
 @click.option("--modality", default=None, help="required unless the file records one")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="stored dtype (default: the file's recorded one, else fp16 for float16 features, else fp32)")
 @click.option("--shard-mb", default=64.0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace a store made differently")
-@friendly_errors
 def stores_import(file, store, modality, dtype, shard_mb, overwrite) -> None:
     """An HDF5 file with 'features' and 'ids' (ours, or made elsewhere) -> a feature store."""
     from stores.interop import import_hdf5
@@ -1237,7 +1182,6 @@ def stores_import(file, store, modality, dtype, shard_mb, overwrite) -> None:
 @click.option("--images", default=400, show_default=True, help="generated images (2 captions each)")
 @click.option("--epochs", default=15, show_default=True)
 @click.option("--tiny", is_flag=True, help="use tiny random encoders even when real offline weights are installed")
-@friendly_errors
 def demo(out, images, epochs, tiny) -> None:
     """The whole loop offline: generate shapes + captions, extract, fit the UP, evaluate against chance."""
     from pipeline.demo import run_demo
@@ -1249,10 +1193,9 @@ def demo(out, images, epochs, tiny) -> None:
 @click.option("--quick", is_flag=True, help="small sizes, fewer repetitions (a smoke test; minutes on 2 cores)")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"),
               show_default=True, help="JSON report")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda or cuda:N")
+@device_option
 @click.option("--json", "as_json", is_flag=True,
               help="print the JSON report on stdout (the table and progress go to stderr; docs/json.md)")
-@friendly_errors
 def bench(quick, out, device, as_json) -> None:
     """Performance suite on generated data: training from cache, extraction, storage, memory, no-op re-runs."""
     from pipeline.bench import run_bench

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from stores.writer import sha256_file
+from stores import sha256_file
 
 __all__ = ["cache_dir", "file_sha256", "files_sha256"]
 

@@ -23,13 +23,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from stores import OneEncoderError
+
 __all__ = ["Item", "ManifestError", "MAX_REPORTED", "escape_surrogates", "manifest_sha256", "read_manifest",
            "unicode_problem", "write_manifest"]
 
 MAX_REPORTED = 20
 
 
-class ManifestError(ValueError):
+class ManifestError(OneEncoderError, ValueError):
     """A manifest is unreadable or invalid. ``problems`` holds every ``(line, reason)`` found."""
 
     def __init__(self, path: str | os.PathLike[str], problems: list[tuple[int, str]]) -> None:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stores import OneEncoderError
+
 __all__ = [
     "AUDIO_DECODER_VERSION",
     "VIDEO_DECODER_VERSION",
@@ -58,7 +60,7 @@ DEFAULT_MAX_VIDEO_PIXELS = 150_000_000  # every sampled frame of one video toget
 DEFAULT_MAX_DECODED_SECONDS = 3600.0  # audio decoded at once: one hour (about 700 MB at 48 kHz)
 
 
-class MediaError(Exception):
+class MediaError(OneEncoderError):
     """A media file cannot be used; ``reason`` says why (it ends up in the store's error table)."""
 
     def __init__(self, reason: str) -> None:

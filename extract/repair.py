@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from extract.manifest import Item, manifest_sha256, read_manifest, write_manifest
-from extract.run import _TORCH_DTYPES, ExtractionError, ExtractionSpec, run_spec
+from extract.run import ExtractionError, ExtractionSpec, run_spec
 
 
 @dataclass
@@ -42,10 +42,7 @@ def repair_store(store: str | os.PathLike[str], *, trust_plugins: bool = False) 
 
     Nothing is removed before its replacement is verified: a shard whose re-extraction matches neither its recorded
     hash nor the object in the store is left as it is, and the other shards are still repaired before the error."""
-    from stores.integrity import verify
-    from stores.layout import read_meta
-    from stores.location import Location
-    from stores.writer import rewrite_shard
+    from stores import Location, read_meta, rewrite_shard, verify
 
     store = Location.of(store)
     meta = read_meta(store)
@@ -77,9 +74,7 @@ def repair_store(store: str | os.PathLike[str], *, trust_plugins: bool = False) 
 def _store_rows(store: Any, meta: Any, trust_plugins: bool) -> _StoreRows:
     """The store's tables and source, once it is known to be repairable (complete, its manifest unchanged)."""
     from extract.encoders import check_recorded_spec
-    from stores.integrity import shard_entries
-    from stores.layout import ITEMS_FILE, token_array_name
-    from stores.writer import read_jsonl
+    from stores import ITEMS_FILE, read_jsonl, shard_entries, token_array_name
 
     if not meta.complete:
         raise ExtractionError(f"{store} is incomplete: run the same extract command again to resume it (resuming "
@@ -102,9 +97,7 @@ def _store_rows(store: Any, meta: Any, trust_plugins: bool) -> _StoreRows:
 
 def _repair_token_shard(store: Any, meta: Any, problem: Any, rows: _StoreRows) -> tuple[str | None, str | None]:
     """Re-extract the items of one bad token shard and rewrite it: (what was fixed, None) or (None, why not)."""
-    from stores.errors import StoreError
-    from stores.layout import ERRORS_FILE
-    from stores.writer import commit_plan, open_group, read_jsonl, rewrite_shard
+    from stores import ERRORS_FILE, StoreError, commit_plan, open_group, read_jsonl, rewrite_shard
 
     lo, hi = problem.rows
     first = int(np.searchsorted(rows.starts, lo, side="right")) - 1  # item holding row lo
@@ -135,7 +128,7 @@ def _reextract(meta: Any, rows: _StoreRows, first: int, last: int, ids: list[str
     """(tokens and mask of items ``first:last`` re-extracted in exactly their original batches, in the stored
     dtype: exact, so the rows are the re-extracted bytes; the first few ids that no longer extract). The tokens
     are None when an id is missing."""
-    from stores import FeatureStore
+    from stores import FeatureStore, as_torch_dtype
 
     index_of_line = {item.line: i for i, item in enumerate(rows.manifest_items)}
     size, everything = rows.batch_size, rows.manifest_items
@@ -150,7 +143,7 @@ def _reextract(meta: Any, rows: _StoreRows, first: int, last: int, ids: list[str
         missing = sorted(set(ids) - set(scratch.ids))
         if missing:
             return None, missing[:5]
-        return scratch.get_batch([scratch.index_of(i) for i in ids], dtype=_TORCH_DTYPES[meta.dtype]), []
+        return scratch.get_batch([scratch.index_of(i) for i in ids], dtype=as_torch_dtype(meta.dtype)), []
 
 
 def _what(shard: str, fixed: str) -> str:

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from stores import DTYPES, OneEncoderError, as_torch_dtype
+
 from .encoders import (
     EncoderNotCachedError,
     FrozenEncoder,
@@ -48,12 +50,9 @@ __all__ = [
     "run_spec",
 ]
 
-# CLI/identity names -> the store's dtype names.
-DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(OneEncoderError, RuntimeError):
     """An item failed with ``on_error="fail"``, or the encoder produced unusable output."""
 
 
@@ -216,7 +215,7 @@ def _error_record(item: Item, reason: str) -> dict[str, Any]:
 def _existing_summary(store: str) -> dict[str, Any]:
     """items/failed/tokens/bytes of a finished store, from its metadata (no token data is read)."""
     try:
-        from stores.catalog import describe
+        from stores import describe
 
         info = describe(store)
         summary = info.get("summary") or {}
@@ -247,7 +246,7 @@ def settings_from_identity(identity: dict[str, Any]) -> dict[str, Any]:
 
 def read_meta_summary(store: str) -> dict[str, Any]:
     """The summary a store recorded (at creation: expected items, batch size, manifest)."""
-    from stores.layout import read_meta
+    from stores import read_meta
 
     meta = read_meta(store)
     return dict(meta.summary or {}) if meta else {}
@@ -523,7 +522,7 @@ def _encode_batch(batch: dict[str, Any], encoder: FrozenEncoder, spec: Extractio
         tokens, lengths = encoder.forward(batch)
     lengths = lengths.to(torch.int64)
     values = _pool(tokens, lengths, spec.pool) if layout == "pooled" else tokens
-    values = values.to(_TORCH_DTYPES[store_dtype])  # cast on the device: less to copy back
+    values = values.to(as_torch_dtype(store_dtype))  # cast on the device: less to copy back
     ok = _finite_rows(values, None if layout == "pooled" else lengths).cpu()
     if not bool(ok.all()):
         for item in (it for it, fine in zip(good, ok.tolist(), strict=True) if not fine):
@@ -665,7 +664,7 @@ class TorchrunDistributor:
                writer: Any, target: Target) -> dict[str, Any] | None:
         """Encode this rank's parts, assemble the final store from every rank's parts; rank 0's summary."""
         from stores import parts as staging
-        from stores.layout import read_meta
+        from stores import read_meta
 
         store_path = target.store_path
         per_part = decided.batch_size * int(decided.batches_per_part)  # items per part: whole batches
@@ -739,7 +738,7 @@ class TorchrunDistributor:
 
 def _started_distributed(store_path: str) -> bool:
     """An unfinished store begun by a distributed extraction: it resumes through its parts, whatever the world."""
-    from stores.layout import read_meta
+    from stores import read_meta
 
     try:
         meta = read_meta(store_path)

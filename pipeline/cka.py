@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from pipeline.pairs import pair_stores
-from stores import FeatureStore
-from stores.writer import atomic_write_text
+from stores import FeatureStore, OneEncoderError, atomic_write_text
 
 
 def _as_matrix(x: Any, name: str) -> Tensor:
@@ -264,7 +263,7 @@ def render_heatmap_png(
 # ---------------------------------------------------------------- stores -> ranking (the ``cka`` command)
 
 
-class CKAError(ValueError):
+class CKAError(OneEncoderError, ValueError):
     """The stores or pairs given to ``cka`` cannot be compared."""
 
 
@@ -424,7 +423,7 @@ def store_cka(
 
 
 def _open_distinct(store_paths: Sequence[str | Path]) -> list[FeatureStore]:
-    from stores.location import is_url
+    from stores import is_url
 
     resolved = [str(p) if is_url(p) else Path(p).resolve() for p in store_paths]
     repeated = sorted({str(p) for p in resolved if resolved.count(p) > 1})
@@ -453,7 +452,7 @@ def _paired_rows(rows: list[FeatureStore], cols: list[FeatureStore], names: list
 
 def _estimator_for(estimator: str, n: int, total_dim: int, memory_gb: float | None) -> str:
     """``estimator``, or for ``auto`` full when ``n`` pooled rows of every store fit in ``memory_gb``."""
-    from stores.reader import DEFAULT_RAM_BUDGET_GB
+    from stores import DEFAULT_RAM_BUDGET_GB
 
     need = n * total_dim * _FULL_BYTES_PER_VALUE
     budget = (DEFAULT_RAM_BUDGET_GB if memory_gb is None else memory_gb) * (1 << 30)

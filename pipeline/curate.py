@@ -23,11 +23,10 @@ from torch import nn
 
 from pipeline.embed import embed_store
 from pipeline.rundir import RunDir, check_compatible
-from stores import FeatureStore
-from stores.writer import atomic_write_text
+from stores import FeatureStore, OneEncoderError, atomic_write_text
 
 
-class CurationError(ValueError):
+class CurationError(OneEncoderError, ValueError):
     """The stores given to ``curate`` cannot be curated as asked."""
 
 

@@ -38,7 +38,7 @@ from extract.ranks import (
 
 __all__ = [
     "PairEncoder", "all_gather_object", "barrier", "broadcast_object", "env_world_size", "gather_rows",
-    "is_distributed", "is_main", "local_device", "my_slice", "pair_encoder", "rank", "session", "split_sizes",
+    "is_distributed", "is_main", "local_device", "my_slice", "pair_encoder", "rank", "resolve_device", "session", "split_sizes",
     "world_size",
 ]
 
@@ -46,6 +46,13 @@ __all__ = [
 def env_world_size() -> int:
     """World size torchrun announced (1 when not launched by torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``; any other name is returned as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def local_device(device: str) -> str:

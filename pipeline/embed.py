@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.progress import progress_bar
-from stores import FeatureStore
-from stores.writer import atomic_write_text
+from stores import FeatureStore, OneEncoderError, atomic_write_text
 
 
 @torch.no_grad()
@@ -52,14 +51,14 @@ EMBED_META = "embed.json"
 EMBED_FORMATS = ("npy", "parquet")
 
 
-class EmbedError(RuntimeError):
+class EmbedError(OneEncoderError, RuntimeError):
     """The embedding folder cannot be written as asked (made from another run or store, unknown format)."""
 
 
 def run_identity(run_path: Path | str) -> dict:
     """What identifies a run's embedding space: its head and the sha256 of the evaluation weights."""
     from pipeline.rundir import WEIGHTS_FILE, RunDir
-    from stores.writer import sha256_file
+    from stores import sha256_file
 
     run = RunDir(run_path)
     config = run.read_config()

@@ -14,11 +14,10 @@ from pipeline.encode import embed_records
 from pipeline.metrics import bidirectional_retrieval, topk_accuracy
 from pipeline.pairs import pair_stores
 from pipeline.rundir import RunDir, check_compatible
-from stores import FeatureStore
-from stores.writer import atomic_write_text
+from stores import FeatureStore, OneEncoderError, atomic_write_text
 
 
-class EvaluationError(ValueError):
+class EvaluationError(OneEncoderError, ValueError):
     """The evaluation inputs do not fit together (classes and labels, missing labels)."""
 
 

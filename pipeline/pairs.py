@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stores import FeatureStore
+from stores import FeatureStore, OneEncoderError
 
 
-class PairingError(ValueError):
+class PairingError(OneEncoderError, ValueError):
     """The two stores cannot be paired as asked."""
 
 

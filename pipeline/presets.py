@@ -14,10 +14,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from stores import OneEncoderError
+
 PRESET_DIR = Path(__file__).with_name("presets")
 
 
-class PresetError(ValueError):
+class PresetError(OneEncoderError, ValueError):
     """A preset that does not exist or names an option its command does not have."""
 
 

@@ -42,8 +42,7 @@ from pipeline.prefetch import prefetched
 from pipeline.rundir import RunDir, check_compatible
 from pipeline.training import TrainConfig, build_optimizer, epoch_line, optimiser_step, train_epoch
 from project.classifier import EmbeddingClassifier, finetune_parameters, parameter_groups, standardisation
-from stores import FeatureStore, identity_differences
-from stores.writer import atomic_write_text
+from stores import FeatureStore, atomic_write_text, identity_differences
 
 FEATURES = ("aligned", "raw")
 # Identity fields that may differ between a train and a test store made the same way (other items, other dtype).

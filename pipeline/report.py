@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.evaluate import EvaluationError
 from pipeline.rundir import RunDir
-from stores.writer import atomic_write_text
+from stores import atomic_write_text
 
 # A colour per run, in order (the qualitative "tab10" palette's RGB values).
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),

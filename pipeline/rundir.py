@@ -29,9 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from project import ContrastiveLoss, build_head
-from stores import FeatureStore, identity_differences
-from stores.location import fsync_path
-from stores.writer import atomic_write_text
+from stores import FeatureStore, OneEncoderError, atomic_write_text, fsync_path, identity_differences
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,7 +40,7 @@ TENSORBOARD_DIR = "tb"
 _tensorboard_warned = False
 
 
-class RunError(RuntimeError):
+class RunError(OneEncoderError, RuntimeError):
     """The run directory is missing, inconsistent or incompatible with what was asked."""
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.embed import EmbedError, read_embeddings, run_identity
-from stores.writer import atomic_write_text
+from stores import atomic_write_text
 
 INDEX_FILE, INDEX_META = "index.faiss", "index.json"
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")

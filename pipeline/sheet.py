@@ -30,8 +30,7 @@ from pipeline.evaluate import EvaluationError
 from pipeline.metrics import ranks_of_first_match
 from pipeline.pairs import pair_stores
 from pipeline.rundir import RunDir, check_compatible
-from stores import FeatureStore
-from stores.writer import atomic_write_text
+from stores import FeatureStore, atomic_write_text
 
 DIRECTIONS = ("text->image", "image->text")
 HIGHLIGHT = (30, 170, 60)  # ground-truth border (PNG) / outline (HTML)

@@ -20,10 +20,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from stores import OneEncoderError
+
 Batch = TypeVar("Batch")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(OneEncoderError, RuntimeError):
     """Training cannot start or cannot go on (bad inputs, non-finite loss)."""
 
 

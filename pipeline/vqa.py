@@ -53,8 +53,7 @@ from pipeline.training import (
 )
 from pipeline.vqa_metrics import answer_metrics, canonical_answer, wordnet_similarity
 from project.vqa import VQAHead, VQAHeadConfig, VQAModel
-from stores import FeatureStore
-from stores.writer import atomic_write_text
+from stores import FeatureStore, atomic_write_text
 
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_FIELDS = ("epochs", "batch_size", "lr", "beta1", "beta2", "weight_decay", "seed", "device")

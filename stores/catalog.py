@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from stores.errors import StoreError
 from stores.layout import read_meta
 from stores.location import Location
 
@@ -14,13 +15,14 @@ def disk_bytes(path: Location | str | os.PathLike[str]) -> int:
 
 
 def describe(path: Location | str | os.PathLike[str]) -> dict:
-    """Everything ``stores info`` prints, as a dict. Raises ``ValueError`` if ``path`` is not a feature store."""
+    """Everything ``stores info`` prints, as a dict. Raises :class:`~stores.errors.StoreError` if ``path`` is not a
+    feature store."""
     from stores.writer import committed_records
 
     path = Location.of(path)
     meta = read_meta(path)
     if meta is None:
-        raise ValueError(f"{path} is not a feature store")
+        raise StoreError(f"{path} is not a feature store")
     records = committed_records(path, ("errors",) if meta.complete else ("items", "errors"), full_hash=False)
     return {
         "path": str(path),

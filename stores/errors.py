@@ -1,11 +1,19 @@
-"""Errors raised by the feature stores. Each message names the store and the reason."""
+"""Errors raised by the feature stores, and the base class of every room's user-facing errors. Each message names the
+item (a store, a file, an option) and the reason."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-class StoreError(Exception):
+class OneEncoderError(Exception):
+    """A problem the user can fix (bad input, a mismatched store, a missing encoder, ...), as one line naming the
+    item and the reason. Every room's own errors derive from it, so the command line catches this one type and
+    prints its message instead of a traceback. It lives in ``stores``, the lowest room that the other rooms with
+    errors of their own (``extract``, ``pipeline``) already import; ``stores.errors`` imports nothing heavy."""
+
+
+class StoreError(OneEncoderError):
     """A feature store cannot be created, opened or read as asked."""
 
 

@@ -21,17 +21,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from stores.dtypes import DTYPES, STORAGE_DTYPE
 from stores.errors import StoreError
-from stores.layout import ITEMS_FILE, STORAGE_DTYPE, token_array_name
+from stores.files import read_jsonl, sha256_file
+from stores.layout import ITEMS_FILE, token_array_name
 from stores.location import Location
 from stores.reader import FeatureStore
-from stores.writer import StoreWriter, open_group, read_jsonl, sha256_file, store_status
+from stores.writer import StoreWriter, open_group, store_status
 
 HDF5_FORMAT = "oneencoder-features-hdf5"
 NPY_FORMAT = "oneencoder-features-npy"
 INTEROP_VERSION = 1
 EXPORT_FORMATS = ("hdf5", "npy")
-DTYPE_ALIASES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 _BATCH_BYTES = 32 << 20  # rows copied per step: bounded memory whatever the store's size
 
 
@@ -345,7 +346,7 @@ def _attr(handle: Any, name: str, as_json: bool = False) -> Any:
 
 
 def _store_dtype(requested: str | None, recorded: Any, features_dtype: np.dtype, file: Path) -> str:
-    dtype = DTYPE_ALIASES.get(requested, requested) if requested else None
+    dtype = DTYPES.get(requested, requested) if requested else None
     if dtype is None and recorded in STORAGE_DTYPE:
         dtype = recorded
     if dtype is None:  # a foreign file: keep half and single precision, narrow anything else to float32

@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from stores.dtypes import STORAGE_DTYPE
 from stores.location import Location
 
 FORMAT_NAME = "oneencoder-feature-store"
@@ -18,8 +19,11 @@ ERRORS_FILE = "errors.jsonl"
 SHARD_MANIFEST_DIR = "_shards"
 STAGING_DIR = "_staging"  # rows and records made durable between shards (docs/store-format.md)
 
-# zarr v3 has no bfloat16: store its bits as uint16 and record the logical dtype.
-STORAGE_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+
+# Every inner chunk is written, all-zero ones included: a shard's bytes then depend only on its rows, so a resumed or
+# repaired shard is byte-identical to the original (zarr skips empty chunks by default and does not store the setting,
+# so it is given as the array config on every open for writing).
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 # Inner chunk sizes (rows): one item for fixed token stores (random reads touch one sample), small runs of tokens
 # for ragged stores and of vectors for pooled ones. A random read fetches whole inner chunks: with 256-vector

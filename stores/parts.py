@@ -16,10 +16,12 @@ import os
 import numpy as np
 import zarr
 
+from stores.commit import final_records, record_shard
 from stores.errors import StoreError
 from stores.integrity import check_shard, shard_entries
-from stores.layout import read_meta, shard_file, token_array_name
+from stores.layout import WRITE_CONFIG, read_meta, shard_file, token_array_name
 from stores.location import Location
+from stores.writer import open_group
 
 PARTS_DIR = "_parts"
 Where = Location | str | os.PathLike[str]
@@ -38,26 +40,10 @@ def part_rows(part: Location) -> int:
     return meta.total_tokens if meta.layout == "ragged" else meta.count
 
 
-def final_records(parts: list[Location], shard_rows: int, total: int) -> tuple[list[dict], list[dict]]:
-    """The records each final shard's manifest entry commits (exactly as one process writing the store would),
-    and the error records no entry commits, from the parts' tables."""
-    from stores.layout import ERRORS_FILE, ITEMS_FILE
-    from stores.writer import commit_plan, read_jsonl
-
-    items = [it for part in parts for it in read_jsonl(part / ITEMS_FILE)]
-    errors = [e for part in parts for e in read_jsonl(part / ERRORS_FILE)]
-    ragged = bool(parts) and read_meta(parts[0]).layout == "ragged"
-    rows = [int(it["length"]) if ragged else 1 for it in items]
-    ends = [min(total, (s + 1) * shard_rows) for s in range(-(-total // shard_rows))]
-    return commit_plan(items, errors, rows, ends)
-
-
 def _writable(store: Location, name: str) -> zarr.Array:
-    from stores.writer import _WRITE_CONFIG, open_group
-
     # write_empty_chunks is a runtime setting, not stored: without it an all-zero inner chunk would be left out
     # and the shard's bytes would differ from a single-process run's.
-    return open_group(store, mode="r+")[name].with_config(_WRITE_CONFIG)
+    return open_group(store, mode="r+")[name].with_config(WRITE_CONFIG)
 
 
 def size_final(store: Where, parts: list[Location]) -> int:
@@ -78,8 +64,6 @@ def write_owned_shards(store: Where, parts: list[Location], rank: int, world: in
     A shard whose file already matches a manifest entry for the same rows (written before a crash) is kept. Each
     written shard is fsynced, hashed and recorded exactly as :class:`~stores.writer.StoreWriter` records its own.
     """
-    from stores.writer import open_group, record_shard
-
     store = Location.of(store)
     meta = read_meta(store)
     if meta is None:

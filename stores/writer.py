@@ -18,7 +18,6 @@ import json
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +28,10 @@ import torch
 import zarr
 
 from stores import lock
+from stores.commit import PendingRecords, final_records, record_shard, write_entry
+from stores.dtypes import STORAGE_DTYPE, as_torch_dtype
 from stores.errors import StoreError, StoreExistsError, StoreMismatchError
+from stores.files import read_jsonl
 from stores.identity import identity_differences, identity_key
 from stores.integrity import committed_entries, entry_records, shard_entries
 from stores.layout import (
@@ -40,7 +42,7 @@ from stores.layout import (
     LAYOUTS,
     SHARD_MANIFEST_DIR,
     STAGING_DIR,
-    STORAGE_DTYPE,
+    WRITE_CONFIG,
     StoreMeta,
     is_feature_store,
     read_meta,
@@ -49,14 +51,6 @@ from stores.layout import (
     token_array_name,
 )
 from stores.location import LocalLocation, Location
-
-_TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-# Every inner chunk is written, all-zero ones included: a shard's bytes then depend only on its rows, so a resumed or
-# repaired shard is byte-identical to the original (zarr skips empty chunks by default and does not store the setting).
-_WRITE_CONFIG = {"write_empty_chunks": True}
-
 
 # zarr's LocalStore writes each object to "<name>.<32 hex>.partial" and renames it into place; ours use ".<name>.tmpPID".
 _ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -101,26 +95,6 @@ def _json_safe(value: dict) -> dict:
     return json.loads(json.dumps(value, default=str))
 
 
-def atomic_write_text(path: Path | Location, text: str) -> None:
-    """Write ``text`` so that readers see either the old file or the whole new one, even after a crash."""
-    (path if isinstance(path, Location) else LocalLocation(path)).write_text(text)
-
-
-def sha256_file(path: Path) -> str:
-    return LocalLocation(path).sha256()
-
-
-def read_jsonl(path: Location | str | os.PathLike[str]) -> list[dict]:
-    """Complete JSON lines only: a line torn by a killed writer ends the list."""
-    out = []
-    for line in (Location.of(path).read_text_or_none() or "").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            break
-    return out
-
-
 def _jsonl(records: Iterable[dict]) -> Iterable[str]:
     return (json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
 
@@ -134,99 +108,6 @@ def _drop_shards_from(store: Location, name: str, first: int) -> None:
     for shard_dir in (store / name / "c").children():
         if shard_dir.name.isdigit() and int(shard_dir.name) >= first:
             shard_dir.remove_tree()
-
-
-class _Records:
-    """Item and error records waiting for the shard that commits them.
-
-    The shard holding an item's last row commits the item; with it go the waiting error records whose manifest
-    line comes before the last item it commits (the extraction adds a batch's errors before its items, so those
-    have always arrived). The rule depends only on rows and lines, never on timing, so a resumed or distributed
-    extraction commits exactly the records an uninterrupted one does. Filled by the caller's thread, emptied by
-    the writer thread.
-    """
-
-    def __init__(self, end_row: int = 0, skip: set[tuple] | None = None):
-        self._lock = threading.Lock()
-        self._items: list[tuple[dict, int]] = []  # (record, row after the item's last row), in arrival order
-        self._errors: list[dict] = []
-        self._end_row = end_row
-        self._skip = skip or set()  # records a resumed extraction produces again that an entry already commits
-        self._log: list[list] | None = None  # [kind, record, rows] accepted since the last staging part, if staging
-
-    @classmethod
-    def continuing(cls, records: _Records, skip: set[tuple] | None) -> _Records:
-        """``records`` (already waiting) now dropping the records in ``skip`` as they arrive again."""
-        records._skip = skip or set()
-        return records
-
-    @staticmethod
-    def key(kind: str, record: dict) -> tuple:
-        return kind, record.get("line"), str(record.get("id"))
-
-    def add(self, kind: str, record: dict, rows: int = 0) -> bool:
-        """Queue one record; False if it was dropped as already committed."""
-        with self._lock:
-            key = self.key(kind, record)
-            if key in self._skip:
-                self._skip.discard(key)
-                return False
-            if kind == "items":
-                self._end_row += rows
-                self._items.append((record, self._end_row))
-            else:
-                self._errors.append(record)
-            if self._log is not None:
-                self._log.append([kind, record, rows])
-            return True
-
-    def take_log(self) -> list[list]:
-        """The records accepted since the last call, in arrival order (for a staging part); from the first call on,
-        accepted records are logged."""
-        with self._lock:
-            log, self._log = self._log or [], []
-        return log
-
-    def take_through(self, row: int) -> dict[str, list[dict]]:
-        """Pop the records committed once rows ``[0, row)`` are stored."""
-        with self._lock:
-            n = 0
-            while n < len(self._items) and self._items[n][1] <= row:
-                n += 1
-            if n == 0:
-                return {"items": [], "errors": []}
-            items, self._items = [r for r, _ in self._items[:n]], self._items[n:]
-            last = items[-1].get("line")
-            before = [last is None or _line(e) < int(last) for e in self._errors]
-            errors = [e for e, b in zip(self._errors, before, strict=True) if b]
-            self._errors = [e for e, b in zip(self._errors, before, strict=True) if not b]
-        return {"items": items, "errors": sorted(errors, key=_line)}
-
-    def take_all(self) -> dict[str, list[dict]]:
-        with self._lock:
-            items, errors = [r for r, _ in self._items], self._errors
-            self._items, self._errors = [], []
-        return {"items": items, "errors": sorted(errors, key=_line)}
-
-
-def _line(record: dict) -> int:
-    """A record's manifest line (0 if it has none). Error records are committed in line order, not arrival order:
-    a batch reports its failures in the order its stages found them, and a distributed extraction must commit
-    them exactly as one process does."""
-    return int(record.get("line") or 0)
-
-
-def commit_plan(items: list[dict], errors: list[dict], rows_per_item: list[int],
-                shard_ends: list[int]) -> tuple[list[dict[str, list[dict]]], list[dict]]:
-    """The records each shard's entry commits when ``items`` and ``errors`` (all of them, in order) fill shards
-    ending at ``shard_ends``, by the rule of :class:`_Records`; and the error records left for the final table."""
-    records = _Records()
-    for error in errors:
-        records.add("errors", error)
-    for item, rows in zip(items, rows_per_item, strict=True):
-        records.add("items", item, rows)
-    plan = [records.take_through(end) for end in shard_ends]
-    return plan, records.take_all()["errors"]
 
 
 def _staged(store: Location, array: zarr.Array, name: str, start: int, remove_rest: bool = False
@@ -275,15 +156,15 @@ def _staged(store: Location, array: zarr.Array, name: str, start: int, remove_re
 
 def _new_records(log: list[list], entries: list[dict]) -> list[list]:
     """The staged records that no stored shard's entry commits yet, in order."""
-    done = {_Records.key(kind, r) for kind in ("items", "errors") for r in entry_records(entries, kind)}
-    return [[kind, record, rows] for kind, record, rows in log if _Records.key(kind, record) not in done]
+    done = {PendingRecords.key(kind, r) for kind in ("items", "errors") for r in entry_records(entries, kind)}
+    return [[kind, record, rows] for kind, record, rows in log if PendingRecords.key(kind, record) not in done]
 
 
 class _ShardAppender:
     """Appends rows to one zarr array along axis 0, writing whole shards only."""
 
     def __init__(self, store: Location, array: zarr.Array, name: str, shard_rows: int, pool: ThreadPoolExecutor,
-                 start_rows: int = 0, skip_rows: int = 0, records: _Records | None = None):
+                 start_rows: int = 0, skip_rows: int = 0, records: PendingRecords | None = None):
         self.store, self.array, self.name, self.shard_rows = store, array, name, shard_rows
         self.row_shape = tuple(array.shape[1:])
         self._pool = pool
@@ -387,22 +268,6 @@ class _ShardAppender:
                 (self.store / STAGING_DIR / self.name / f"{number}.npy").remove()
 
 
-def record_shard(store: Location, name: str, index: int, rows: tuple[int, int], ndim: int,
-                 records: dict[str, list[dict]] | None = None) -> dict:
-    """Make a just-written shard durable, hash it and commit it with its manifest entry (one atomic write)."""
-    path = shard_file(store, name, index, ndim)
-    path.make_durable()
-    return _write_entry(store, name, index, rows, path.sha256(), path.size(), records)
-
-
-def _write_entry(store: Location, name: str, index: int, rows: tuple[int, int], sha256: str, size: int,
-                 records: dict[str, list[dict]] | None) -> dict:
-    entry = {"array": name, "shard": index, "rows": [int(rows[0]), int(rows[1])], "sha256": sha256,
-             "bytes": int(size), **(records or {})}
-    (store / SHARD_MANIFEST_DIR / name / f"{index}.json").write_text(json.dumps(entry, ensure_ascii=False))
-    return entry
-
-
 def open_group(store: Location, mode: str = "r", **kwargs) -> zarr.Group:
     """The store's zarr group, local or remote."""
     return zarr.open_group(store.zarr_store(read_only=mode == "r"), mode=mode, **kwargs)
@@ -414,7 +279,7 @@ def _encoded_shard(store: Location, array_name: str, array: zarr.Array, index: i
     with tempfile.TemporaryDirectory(prefix="shard-") as scratch:
         aside = LocalLocation(Path(scratch))
         (aside / array_name / "zarr.json").write_bytes((store / array_name / "zarr.json").read_bytes())
-        copy = zarr.open_array(aside.path / array_name, mode="r+").with_config(_WRITE_CONFIG)
+        copy = zarr.open_array(aside.path / array_name, mode="r+").with_config(WRITE_CONFIG)
         start = index * array.shards[0]
         copy[start : start + len(data)] = data
         return shard_file(aside, array_name, index, array.ndim).read_bytes()
@@ -467,7 +332,7 @@ def rewrite_shard(store: Location | str | os.PathLike[str], array_name: str, ind
     try:
         if fixed == "shard":
             path.write_bytes(new)
-        _write_entry(store, array_name, index, (start, end), digest, len(new), kept)
+        write_entry(store, array_name, index, (start, end), digest, len(new), kept)
     except OSError as error:  # a read-only or full disk: the old object is still in place
         raise StoreError(f"cannot write shard {index} of {store}/{array_name}: {error.strerror or error}") from None
     return fixed
@@ -486,26 +351,26 @@ class StoreWriter:
                  commit_seconds: float | None = None, staged: tuple[np.ndarray, list[list], list] | None = None):
         self.path, self._group, self.meta, self._shard_mb = path, group, meta, shard_mb
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._torch_dtype = _TORCH_DTYPE[meta.dtype]
+        self._torch_dtype = as_torch_dtype(meta.dtype)
         committed = committed or []
         self._lengths: list[int] = [int(it["length"]) for it in entry_records(committed, "items")]
         self._n_errors = sum(1 for _ in entry_records(committed, "errors"))
         committed_rows = sum(_item_rows(meta, it) for it in entry_records(committed, "items"))
-        self._records = _Records(end_row=int(committed_rows))
+        self._records = PendingRecords(end_row=int(committed_rows))
         for kind, record, rows in staged[1] if staged else ():  # staged by the interrupted run: waiting again
             self._records.add(kind, record, rows)
             if kind == "items":
                 self._lengths.append(int(record["length"]))
             else:
                 self._n_errors += 1
-        self._records = _Records.continuing(self._records, skip_records)
+        self._records = PendingRecords.continuing(self._records, skip_records)
         self._commit_seconds = commit_seconds
         self._last_commit = time.monotonic()
         if commit_seconds is not None:
             self._records.take_log()  # from now on, accepted records are logged for staging parts
         name = token_array_name(meta.layout)
         if start_rows or name in group:
-            array = group[name].with_config(_WRITE_CONFIG)  # runtime setting, not stored: give it on every open
+            array = group[name].with_config(WRITE_CONFIG)  # runtime setting, not stored: give it on every open
             self._tokens = _ShardAppender(path, array, name, array.shards[0], self._pool, start_rows, skip_rows,
                                           self._records)
         else:
@@ -628,7 +493,7 @@ class StoreWriter:
                              "be found; extract it again with --overwrite")
         # Records the re-extraction will produce again, already durable: dropped when they arrive.
         again = set() if restart_line is None else {
-            _Records.key(kind, r) for kind in ("items", "errors") for r in durable[kind]
+            PendingRecords.key(kind, r) for kind in ("items", "errors") for r in durable[kind]
             if int(r.get("line") or 0) >= restart_line}
         rows_before = sum(_item_rows(meta, it) for it in durable["items"]
                           if restart_line is None or int(it["line"]) < restart_line)
@@ -666,8 +531,6 @@ class StoreWriter:
         must already be in this store's shards (:func:`stores.parts.write_owned_shards` on every rank, whose
         manifest entries commit the records as a single process would); then call :meth:`finish`. The staging plan
         is dropped from the summary, so the metadata reads as a one-process run's."""
-        from stores.parts import final_records
-
         if self.items_written:
             raise StoreError(f"{self.path}: adopt_parts on a writer that already holds items")
         array = open_group(self.path)[self._tokens.name]  # as the ranks resized and filled it, not as first opened
@@ -689,7 +552,7 @@ class StoreWriter:
         return {"last_line": int(items[-1].get("line", 0)) if items else 0, "items": len(items)}
 
     def _appender(self, name: str, shape: tuple[int, ...], dtype: str, row_bytes: int,
-                  records: _Records | None = None) -> _ShardAppender:
+                  records: PendingRecords | None = None) -> _ShardAppender:
         chunk_rows = CHUNK_ROWS["ragged" if name == "offsets" else self.meta.layout]
         shard_rows = shard_rows_for(row_bytes, self._shard_mb, chunk_rows)
         array = self._group.create_array(
@@ -702,7 +565,7 @@ class StoreWriter:
             fill_value=0,
             # Every shard must exist on disk, even one that is all zeros: a missing shard reads back as zeros
             # silently, so "absent" has to mean "never written" for verify and resume to be sound.
-            config=_WRITE_CONFIG,
+            config=WRITE_CONFIG,
         )
         return _ShardAppender(self.path, array, name, shard_rows, self._pool, records=records)
 

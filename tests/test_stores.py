@@ -329,8 +329,8 @@ def test_manifest_entries_commit_what_the_commit_plan_of_the_whole_tables_says(t
     """The rule that decides which records a shard's entry commits depends only on rows and lines, never on when
     records arrived: a writer fed batch by batch (errors first, in either order) commits exactly what
     :func:`commit_plan` computes from the finished tables, which is what a distributed extraction writes."""
+    from stores import commit_plan, read_jsonl
     from stores.integrity import shard_entries
-    from stores.writer import commit_plan, read_jsonl
 
     path = tmp_path_factory.mktemp("plan") / "s"
     writer = StoreWriter.create(path, modality="text", layout="ragged", dim=2, tokens_per_item=None,

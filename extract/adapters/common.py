@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stores import OneEncoderError
+
 from ..manifest import write_manifest
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -22,7 +24,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", "
 PathLike = str | os.PathLike[str]
 
 
-class DatasetError(ValueError):
+class DatasetError(OneEncoderError, ValueError):
     """A dataset's files are missing or malformed; the message names the file (and line or row) and the reason."""
 
 

@@ -26,13 +26,15 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from stores import OneEncoderError
+
 from ..manifest import Item
 
 MODALITIES = ("image", "text", "audio", "video")
 FRAME_POOLS = ("mean", "keep")
 
 
-class EncoderError(RuntimeError):
+class EncoderError(OneEncoderError, RuntimeError):
     """An encoder spec cannot be resolved, loaded or used as asked."""
 
 
