@@ -49,7 +49,7 @@ class Commands(click.Group):
 
 
 def _resolve_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    from pipeline.distributed import resolve_device
+    from pipeline.training.distributed import resolve_device
 
     return resolve_device(value)
 
@@ -90,7 +90,7 @@ def optimiser_options(epochs: int, batch_size: int, weight_decay: float = 1e-3, 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from pipeline.doctor import versions
+    from pipeline.tools.doctor import versions
 
     found = versions()
     deps = ", ".join(f"{name} {version or 'not installed'}" for name, version in found.items()
@@ -171,7 +171,7 @@ def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, 
             max_pixels, max_decoded_seconds, max_video_pixels) -> None:
     """Run a frozen encoder over a manifest (or --inputs) once and cache its tokens in a sharded Zarr v3 store."""
     from extract.run import ExtractionSpec, default_workers, run_spec
-    from pipeline.distributed import session
+    from pipeline.training.distributed import session
 
     if (manifest is None) == (not inputs):
         raise click.UsageError("give either --manifest or --inputs")
@@ -506,13 +506,13 @@ def loss_options(command):
 
 
 def _train_config(warmup_epochs: int = 0, no_tensorboard: bool = False, **kwargs):
-    from pipeline.fit import TrainConfig
+    from pipeline.training.fit import TrainConfig
 
     return TrainConfig(warmup_epochs=warmup_epochs, tensorboard=not no_tensorboard, **kwargs)
 
 
 def preset_option(command: str):
-    from pipeline.presets import preset_names
+    from pipeline.training.presets import preset_names
 
     return click.option("--preset", type=click.Choice(preset_names()), default=None,
                         help=f"set every option the preset names for {command} (paper: the paper's protocol; "
@@ -527,8 +527,8 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
 
     from click.core import ParameterSource
 
-    from pipeline.fit import TrainConfig
-    from pipeline.presets import resolve_options
+    from pipeline.training.fit import TrainConfig
+    from pipeline.training.presets import resolve_options
 
     ctx = click.get_current_context()
     explicit = {name for name in ctx.params
@@ -566,10 +566,10 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
 def fit_up(**options) -> None:
     """Step 1: train the Universal Projection on image-text pairs, from cached features only. --resume continues
     with the run's recorded options; an option given that differs from them is refused (--epochs may grow)."""
-    from pipeline.distributed import is_main, session
-    from pipeline.fit import LossConfig, recorded_options
-    from pipeline.fit import fit_up as run_fit_up
-    from pipeline.rundir import RunDir
+    from pipeline.training.distributed import is_main, session
+    from pipeline.training.fit import LossConfig, recorded_options
+    from pipeline.training.fit import fit_up as run_fit_up
+    from pipeline.training.rundir import RunDir
 
     run = RunDir(options["out"])
     recorded = recorded_options(run.read_config(), "fit-up") if options["resume"] and run.exists() else None
@@ -606,10 +606,10 @@ MODALITIES = ["image", "text", "audio", "video"]
 def fit_al(**options) -> None:
     """Step 2: freeze the UP and align a new modality by training only its Alignment Layer, from cache. --resume
     continues with the stage's recorded options; an option given that differs from them is refused."""
-    from pipeline.distributed import is_main, session
-    from pipeline.fit import fit_al as run_fit_al
-    from pipeline.fit import recorded_options
-    from pipeline.rundir import RunDir
+    from pipeline.training.distributed import is_main, session
+    from pipeline.training.fit import fit_al as run_fit_al
+    from pipeline.training.fit import recorded_options
+    from pipeline.training.rundir import RunDir
 
     modality = options["modality"]
     config = RunDir(options["run_dir"]).read_config()
@@ -648,9 +648,9 @@ def fit_al(**options) -> None:
 def fit_vqa(**options) -> None:
     """Visual question answering from cache: the run's UP embeds images and questions, a prediction head
     classifies into the training answers. Reports accuracy, macro F1 and WUPS@0.9/0.0 (WordNet permitting)."""
-    from pipeline.fit import TrainConfig
-    from pipeline.vqa import VQASettings
-    from pipeline.vqa import fit_vqa as run_fit_vqa
+    from pipeline.evaluation.vqa import VQASettings
+    from pipeline.evaluation.vqa import fit_vqa as run_fit_vqa
+    from pipeline.training.fit import TrainConfig
 
     o, preset = _training_options("fit-vqa", options, None)
     if (o["test_image_store"] is None) != (o["test_question_store"] is None):
@@ -697,8 +697,8 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
              target_mix, warmup_epochs, temperature) -> None:
     """The paper's "Base" baseline: the same pairs and loss, encoders trained end to end from raw media (not from
     cache). Writes a run that eval retrieval reads from stores extracted with RUN/encoders/{image,text}."""
-    from pipeline.base import fit_base as run_fit_base
-    from pipeline.fit import FIT_UP_SCHEDULE, LossConfig
+    from pipeline.training.base import fit_base as run_fit_base
+    from pipeline.training.fit import FIT_UP_SCHEDULE, LossConfig
 
     summary = run_fit_base(
         image_encoder, text_encoder, image_manifest, text_manifest, out, head=head, width=width, blocks=blocks,
@@ -732,7 +732,7 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
 def cka(store_paths, pairs_file, out, estimator, batch_size, memory_gb, seed, as_json) -> None:
     """Rank image x text encoder pairs by linear CKA of their pooled features on paired samples (freeze-align)."""
-    from pipeline.cka import format_ranking, store_cka
+    from pipeline.evaluation.cka import format_ranking, store_cka
 
     report = store_cka(store_paths, pairs_file=pairs_file, estimator=estimator, batch_size=batch_size,
                        memory_gb=memory_gb, seed=seed, out=out)
@@ -787,7 +787,7 @@ def _print_retrieval(report: dict) -> None:
 def eval_retrieval(run_dir, image_store, text_store, audio_store, video_store, device, as_json) -> None:
     """Retrieval both ways between any two aligned modalities (give exactly two stores), including pairs never
     trained together (audio<->image: transitive alignment). R@1/5/10, P@1, recall@1, mAP, median and mean rank."""
-    from pipeline.evaluate import evaluate_retrieval
+    from pipeline.evaluation.evaluate import evaluate_retrieval
 
     given = [s for s in (image_store, text_store, audio_store, video_store) if s is not None]
     if len(given) != 2:
@@ -813,7 +813,7 @@ def eval_retrieval(run_dir, image_store, text_store, audio_store, video_store, d
 def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, thumb, out, device, as_json) -> None:
     """Qualitative retrieval sheet (the paper's Figure 4): captions -> top-k images and images -> top-k captions,
     ground truth highlighted; images and texts come from the stores' manifests (ids when those changed)."""
-    from pipeline.sheet import retrieval_sheet
+    from pipeline.evaluation.sheet import retrieval_sheet
 
     directions = {"both": ("text->image", "image->text"), "text-to-image": ("text->image",),
                   "image-to-text": ("image->text",)}[direction]
@@ -844,7 +844,7 @@ def eval_sheet(run_dir, image_store, text_store, queries, k, seed, direction, th
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (docs/json.md)")
 def eval_zero_shot(run_dir, image_store, classes, template, text_encoder, prompt_store, device, as_json) -> None:
     """Classify images by similarity to prompts made from class names (or labelled audio clips); top-1..5 accuracy."""
-    from pipeline.evaluate import evaluate_zero_shot
+    from pipeline.evaluation.evaluate import evaluate_zero_shot
 
     report = evaluate_zero_shot(run_dir, image_store, classes, text_encoder, template=template, device=device,
                                 prompt_store=prompt_store)
@@ -872,7 +872,7 @@ def eval_zero_shot(run_dir, image_store, classes, template, text_encoder, prompt
 def eval_linear_probe(run_dir, train_store, test_store, features, epochs, lr, batch_size, weight_decay, eval_every,
                       seed, device, out_dir, as_json) -> None:
     """Train a linear classifier on frozen cached features of a labelled store; test accuracy per checkpoint."""
-    from pipeline.probe import linear_probe
+    from pipeline.evaluation.probe import linear_probe
 
     report = linear_probe(train_store, test_store, run_dir=run_dir, features=features, epochs=epochs, lr=lr,
                           batch_size=batch_size, weight_decay=weight_decay, eval_every=eval_every, seed=seed,
@@ -907,7 +907,7 @@ def eval_fine_tune(run_dir, train_store, test_store, epochs, lr, batch_size, wei
     classifier on its aligned embedding, from cached tokens (encoders frozen); test accuracy per epoch. The
     fine-tuned weights go to OUT/fine-tune-<test store>-<key>--train-<train store>-<key>/, never over the run's own
     model."""
-    from pipeline.probe import fine_tune
+    from pipeline.evaluation.probe import fine_tune
 
     report = fine_tune(train_store, test_store, run_dir, epochs=epochs, lr=lr, batch_size=batch_size,
                        weight_decay=weight_decay, eval_every=eval_every, seed=seed, device=device, out_dir=out_dir,
@@ -923,7 +923,7 @@ def report(run_dirs, out) -> None:
     """Several runs side by side: one row per run (head, fusion, key options), then one table per task and set of
     stores evaluated on (by identity key), one column per metric of their eval reports (retrieval R@k, zero-shot,
     linear probe, fine-tune); figures of different stores never share a column. Loss, temperature, recall@k plots."""
-    from pipeline.report import compare_runs
+    from pipeline.evaluation.report import compare_runs
 
     result = compare_runs(run_dirs, out)
     click.echo(Path(result["markdown_path"]).read_text(encoding="utf-8"))
@@ -1198,7 +1198,7 @@ def demo(out, images, epochs, tiny) -> None:
               help="print the JSON report on stdout (the table and progress go to stderr; docs/json.md)")
 def bench(quick, out, device, as_json) -> None:
     """Performance suite on generated data: training from cache, extraction, storage, memory, no-op re-runs."""
-    from pipeline.bench import run_bench
+    from pipeline.tools.bench import run_bench
 
     report = run_bench("quick" if quick else "full", out, device=device,
                        echo=functools.partial(click.echo, err=True) if as_json else click.echo)
@@ -1211,7 +1211,7 @@ def bench(quick, out, device, as_json) -> None:
 @main.command()
 def doctor() -> None:
     """Check that torch, torchaudio, transformers, zarr, tensorstore and PyAV load and work here; exit 1 if not."""
-    from pipeline.doctor import run_checks
+    from pipeline.tools.doctor import run_checks
 
     checks = run_checks()
     for check in checks:

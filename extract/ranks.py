@@ -2,7 +2,7 @@
 
 Every helper answers as for one process (rank 0 of 1) when no process group of more than one process is
 initialised, so single-process code calls them unconditionally. Joining the group is the command's business
-(:func:`pipeline.distributed.session`); this module lives in ``extract/`` because extraction, the lowest room that
+(:func:`pipeline.training.distributed.session`); this module lives in ``extract/`` because extraction, the lowest room that
 runs distributed, needs it and must not import ``pipeline``.
 """
 

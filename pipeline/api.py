@@ -29,7 +29,7 @@ import torch
 
 from pipeline.embed import embed_store
 from pipeline.encode import extract_like_run, input_records
-from pipeline.rundir import RunDir, RunError, check_compatible
+from pipeline.training.rundir import RunDir, RunError, check_compatible
 from stores import FeatureStore
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.embed import embed_store
-from pipeline.rundir import RunDir, check_compatible
+from pipeline.training.rundir import RunDir, check_compatible
 from stores import FeatureStore, OneEncoderError, atomic_write_text
 
 

@@ -57,7 +57,7 @@ class EmbedError(OneEncoderError, RuntimeError):
 
 def run_identity(run_path: Path | str) -> dict:
     """What identifies a run's embedding space: its head and the sha256 of the evaluation weights."""
-    from pipeline.rundir import WEIGHTS_FILE, RunDir
+    from pipeline.training.rundir import WEIGHTS_FILE, RunDir
     from stores import sha256_file
 
     run = RunDir(run_path)
@@ -89,7 +89,7 @@ def embed_to_files(run_dir: Path | str, store_path: Path | str, out: Path | str,
     Resumable: a folder made from the same run weights, store and format continues from its last complete chunk
     (``rows_done`` in ``embed.json``); a finished one is left as it is. A folder made from another run or store is
     refused unless ``overwrite``. Returns the ``embed.json`` record plus ``resumed_from`` (rows found done)."""
-    from pipeline.rundir import RunDir, check_compatible
+    from pipeline.training.rundir import RunDir, check_compatible
 
     if fmt not in EMBED_FORMATS:
         raise EmbedError(f"format must be one of {', '.join(EMBED_FORMATS)}, not {fmt!r}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.embed import embed_store
-from pipeline.rundir import RunDir, RunError, check_compatible
+from pipeline.training.rundir import RunDir, RunError, check_compatible
 from stores import FeatureStore
 
 

@@ -111,7 +111,7 @@ def query_vector(run_dir: Path | str, *, text: str | None = None, file: str | Pa
     Exactly one of: ``text``; ``file`` (a media file of ``modality``); ``item`` (an item id of ``item_store``, any
     aligned modality, or without a store an id of the indexed embeddings in ``folder``)."""
     from pipeline.encode import encode
-    from pipeline.rundir import RunDir, check_compatible
+    from pipeline.training.rundir import RunDir, check_compatible
     from stores import FeatureStore
 
     if sum(x is not None for x in (text, file, item)) != 1:
@@ -193,9 +193,9 @@ def search(run_dir: Path | str, folder: Path | str, k: int = 10, *, text: str | 
 
 def search_html(report: dict, out: Path | str, thumb: int = 128) -> Path:
     """The search results as one self-contained HTML page (image results as embedded thumbnails)."""
-    from pipeline.sheet import _Thumbnails
+    from pipeline.rendering.sheet_page import Thumbnails
 
-    thumbs, e = _Thumbnails(thumb), html.escape
+    thumbs, e = Thumbnails(thumb), html.escape
     query = report["query"]
     shown = query.get("text") or query.get("file") or f"item {query.get('item')}"
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>search: {e(shown)}</title>",
@@ -275,7 +275,7 @@ def first_relevant_ranks(queries: np.ndarray | torch.Tensor, gallery: np.ndarray
                          relevant: Sequence[Sequence[int]], query_chunk: int = 1024,
                          gallery_chunk: int = 65536, device: str | torch.device | None = None) -> np.ndarray:
     """1-based rank of each query's best-scored relevant gallery row, ties counted against the query (the rule of
-    ``pipeline.metrics.ranks_of_first_match``), computed chunk by chunk.
+    ``pipeline.evaluation.metrics.ranks_of_first_match``), computed chunk by chunk.
 
     ``relevant[i]``: the gallery rows relevant to query ``i`` (at least one). Two passes over the gallery: the
     first takes the best relevant score of each query, the second counts the irrelevant rows scoring at least as

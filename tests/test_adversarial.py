@@ -24,7 +24,7 @@ from PIL import Image
 
 from extract.manifest import Item, ManifestError, read_manifest
 from extract.media import MediaError, load_audio, load_image, load_video_frames
-from pipeline.rundir import RunDir, RunError
+from pipeline.training.rundir import RunDir, RunError
 
 TALLY: Counter = Counter()
 FAST = settings(max_examples=100, deadline=None, derandomize=True,
@@ -177,7 +177,7 @@ def test_a_hostile_corpus_extracts_and_trains_on_every_good_item(tmp_path, tiny_
     from test_media_bounds import png_declaring
 
     from extract.run import run_extraction
-    from pipeline.fit import TrainConfig, fit_up
+    from pipeline.training.fit import TrainConfig, fit_up
     from stores import FeatureStore
 
     rng = np.random.default_rng(1)

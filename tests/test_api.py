@@ -11,8 +11,8 @@ import torch
 
 from pipeline import Run, StoreDataset
 from pipeline.embed import embed_store
-from pipeline.fit import LossConfig, TrainConfig, fit_up
-from pipeline.rundir import RunDir, RunError
+from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+from pipeline.training.rundir import RunDir, RunError
 from stores import FeatureStore
 from tests.test_search import shapes_run  # noqa: F401 - the fixture: a run trained with real encoders
 from tests.toy_stores import make_toy_pair

@@ -85,8 +85,8 @@ def _extract_pair_with_one_failed_image(root: Path, tiny_image_model: str, tiny_
 
 def test_one_failed_image_does_not_block_training_and_its_captions_are_listed(tmp_path, tiny_image_model,
                                                                            tiny_text_model, capfd):
-    from pipeline.fit import TrainConfig, TrainingError, fit_up
-    from pipeline.pairs import PairingError
+    from pipeline.training.fit import TrainConfig, TrainingError, fit_up
+    from pipeline.training.pairs import PairingError
 
     image_store, text_store = _extract_pair_with_one_failed_image(tmp_path, tiny_image_model, tiny_text_model)
     assert [e["id"] for e in FeatureStore.open(image_store).errors()] == ["img3"]
@@ -116,9 +116,9 @@ def test_a_nan_validation_caption_is_left_out_of_the_metrics_and_counted(tmp_pat
     import torch
     from toy_stores import _write, make_toy_pair
 
-    from pipeline.fit import TrainConfig, fit_up
-    from pipeline.pairs import pair_stores, split_by_anchor
-    from pipeline.rundir import RunDir
+    from pipeline.training.fit import TrainConfig, fit_up
+    from pipeline.training.pairs import pair_stores, split_by_anchor
+    from pipeline.training.rundir import RunDir
 
     image_store, text_store = make_toy_pair(tmp_path, n_images=24, captions=2)
     images, texts = FeatureStore.open(image_store), FeatureStore.open(text_store)

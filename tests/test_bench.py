@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.bench import SIZES, best_total, format_table, interleaved, median_ratio, ratios
+from pipeline.tools.bench import SIZES, best_total, format_table, interleaved, median_ratio, ratios
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"P1a", "P1a_disk", "P1a_cold", "P1b", "P1b_disk", "P2", "P3", "P3_small", "P4", "P5", "P6", "read"}
@@ -53,7 +53,7 @@ def test_best_total_takes_each_pieces_least_time_over_repetitions():
 
 
 def test_table_marks_results():
-    from pipeline.bench import Metric
+    from pipeline.tools.bench import Metric
 
     table = format_table([Metric("P9", "thing", 1.5, "x", "<= 2", True, "fine"),
                           Metric("P8", "other", 3.0, "x", "<= 2", False, "slow"),

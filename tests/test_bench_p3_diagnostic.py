@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.bench import BENCH_UP, _bench_head
+from pipeline.tools.bench import BENCH_UP, _bench_head
 
 DIMS = {"image": 24, "text": 16}
 

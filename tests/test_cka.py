@@ -8,7 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cka import cka_matrix, heatmap_colour, linear_cka, minibatch_cka, rank_pairs, render_heatmap_png
+from pipeline.evaluation.cka import (
+    cka_matrix,
+    heatmap_colour,
+    linear_cka,
+    minibatch_cka,
+    rank_pairs,
+    render_heatmap_png,
+)
 
 
 def _gen(seed: int) -> torch.Generator:

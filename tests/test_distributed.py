@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 from toy_stores import make_toy_modality, make_toy_pair
 
-from pipeline import distributed
-from pipeline.fit import global_batch_loss, head_config
-from pipeline.pairs import pair_stores
+from pipeline.training import distributed
+from pipeline.training.fit import global_batch_loss, head_config
+from pipeline.training.pairs import pair_stores
 from project import ContrastiveLoss, build_head
 from stores import FeatureStore
 
@@ -44,9 +44,9 @@ import sys
 
 import torch
 
-from pipeline import distributed
-from pipeline.fit import global_batch_loss, head_config
-from pipeline.pairs import pair_stores
+from pipeline.training import distributed
+from pipeline.training.fit import global_batch_loss, head_config
+from pipeline.training.pairs import pair_stores
 from project import ContrastiveLoss, build_head
 from stores import FeatureStore
 

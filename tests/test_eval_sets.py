@@ -14,8 +14,8 @@ import torch
 from conftest import run_cli
 from toy_stores import make_shared_ref_stores
 
-from pipeline.metrics import bidirectional_retrieval, query_metrics, retrieval_metrics
-from pipeline.pairs import Pairs, pair_stores, split_by_anchor
+from pipeline.evaluation.metrics import bidirectional_retrieval, query_metrics, retrieval_metrics
+from pipeline.training.pairs import Pairs, pair_stores, split_by_anchor
 from stores import FeatureStore
 
 cli = run_cli

@@ -20,7 +20,9 @@ from PIL import Image
 from toy_stores import make_toy_pair
 
 from extract.manifest import manifest_sha256
-from pipeline.cka import (
+from pipeline.curate import CurationError, curate
+from pipeline.embed import embed_store
+from pipeline.evaluation.cka import (
     CKAError,
     format_ranking,
     linear_cka,
@@ -29,11 +31,9 @@ from pipeline.cka import (
     read_pairs_file,
     store_cka,
 )
-from pipeline.curate import CurationError, curate
-from pipeline.embed import embed_store
-from pipeline.fit import LossConfig, TrainConfig, fit_up
-from pipeline.probe import ProbeError, linear_probe
-from pipeline.rundir import RunDir, RunError
+from pipeline.evaluation.probe import ProbeError, linear_probe
+from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+from pipeline.training.rundir import RunDir, RunError
 from stores import FeatureStore, StoreWriter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,12 +25,19 @@ from toy_stores import _write, make_toy_pair
 
 from extract.run import run_extraction
 from extract.tiny import TINY_WORDS
-from pipeline.evaluate import evaluate_retrieval
-from pipeline.fit import LossConfig, TrainConfig, fit_up
-from pipeline.metrics import topk_accuracy
-from pipeline.probe import ProbeError, fine_tune, linear_probe
-from pipeline.report import PALETTE, ReportError, compare_runs, recall_chance, run_label, validation_series
-from pipeline.rundir import RunDir, RunError
+from pipeline.evaluation.evaluate import evaluate_retrieval
+from pipeline.evaluation.metrics import topk_accuracy
+from pipeline.evaluation.probe import ProbeError, fine_tune, linear_probe
+from pipeline.evaluation.report import (
+    PALETTE,
+    ReportError,
+    compare_runs,
+    recall_chance,
+    run_label,
+    validation_series,
+)
+from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+from pipeline.training.rundir import RunDir, RunError
 from project.classifier import EmbeddingClassifier
 from stores import FeatureStore
 

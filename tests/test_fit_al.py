@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from toy_stores import make_toy_modality, make_toy_pair
 
-from pipeline.evaluate import EvaluationError, evaluate_retrieval, evaluate_zero_shot
-from pipeline.fit import LossConfig, TrainConfig, fit_al, fit_up
-from pipeline.pairs import PairingError
-from pipeline.rundir import RunDir, RunError
+from pipeline.evaluation.evaluate import EvaluationError, evaluate_retrieval, evaluate_zero_shot
+from pipeline.training.fit import LossConfig, TrainConfig, fit_al, fit_up
+from pipeline.training.pairs import PairingError
+from pipeline.training.rundir import RunDir, RunError
 
 SMALL = {"width": 32, "blocks": 1}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fit import LossConfig, TrainConfig, fit_up
+from pipeline.training.fit import LossConfig, TrainConfig, fit_up
 from stores import FeatureStore
 from stores.catalog import describe
 from tests.test_cli import cli

@@ -90,7 +90,7 @@ def test_video_frames_over_the_pixel_bound_are_refused(tmp_path):
 def test_a_run_accepts_a_store_made_with_other_size_bounds_but_not_other_decoding(tmp_path):
     from toy_stores import _write
 
-    from pipeline.rundir import RunError, check_compatible
+    from pipeline.training.rundir import RunError, check_compatible
 
     base = {"encoder": {"id": "toy"}, "modality": "audio", "layer": -1, "keep": "tokens",
             "media": {"sample_rate": None, "max_seconds": 2.0, "segment": "drop", "resampler": "swr"}}

@@ -20,9 +20,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from extract.run import run_extraction
 from pipeline.demo import make_shapes_dataset
 from pipeline.embed import embed_store
-from pipeline.fit import TrainConfig, fit_al, fit_up
-from pipeline.rundir import RunDir
-from pipeline.sheet import HIGHLIGHT, retrieval_sheet
+from pipeline.evaluation.sheet import retrieval_sheet
+from pipeline.rendering.sheet_page import HIGHLIGHT
+from pipeline.training.fit import TrainConfig, fit_al, fit_up
+from pipeline.training.rundir import RunDir
 from stores import FeatureStore
 from tests.toy_stores import make_toy_modality, make_toy_pair
 
@@ -121,7 +122,7 @@ def sheet_run(tmp_path_factory, tiny_image_model, tiny_text_model) -> dict:
 
 
 def truth(sheet_run: dict) -> dict:
-    """Ranks computed here, independently of pipeline/sheet.py: cosine of the run's embeddings, rank 1 + the
+    """Ranks computed here, independently of pipeline/evaluation/sheet.py: cosine of the run's embeddings, rank 1 + the
     non-matching gallery items scoring at least as well as the best match."""
     model, _, _ = RunDir(sheet_run["run"]).load_model()
     images, texts = FeatureStore.open(sheet_run["image"]), FeatureStore.open(sheet_run["text"])

@@ -11,11 +11,18 @@ import torch
 from safetensors.torch import load_file
 from toy_stores import make_toy_pair
 
-from pipeline.evaluate import check_compatible, evaluate_retrieval
-from pipeline.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, TrainingError, fit_up
-from pipeline.metrics import query_metrics, ranks_of_first_match, topk_accuracy
-from pipeline.pairs import PairingError, Pairs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
-from pipeline.rundir import RunDir, RunError
+from pipeline.evaluation.evaluate import check_compatible, evaluate_retrieval
+from pipeline.evaluation.metrics import query_metrics, ranks_of_first_match, topk_accuracy
+from pipeline.training.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, TrainingError, fit_up
+from pipeline.training.pairs import (
+    PairingError,
+    Pairs,
+    epoch_batches,
+    epoch_steps,
+    pair_stores,
+    split_by_anchor,
+)
+from pipeline.training.rundir import RunDir, RunError
 from stores import FeatureStore, StoreWriter
 
 SMALL = {"width": 32, "blocks": 1}

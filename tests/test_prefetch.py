@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.prefetch import prefetched, to_device, token_batch
+from pipeline.training.prefetch import prefetched, to_device, token_batch
 
 
 def test_items_come_back_in_order_with_their_results():

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from extract.manifest import write_manifest
 from pipeline.embed import embed_store
 from pipeline.encode import encode as encode_api
-from pipeline.rundir import RunDir
+from pipeline.training.rundir import RunDir
 from stores import FeatureStore
 
 # One concept per class: the caption's words, the image colour, the tone, the video's gray level.

@@ -204,8 +204,8 @@ def test_training_loop_clamps_the_temperature_parameter_in_place(tmp_path) -> No
     """The fit loop keeps log_temperature itself in bounds after every step, even with a huge learning rate."""
     from toy_stores import make_toy_pair
 
-    from pipeline.fit import LossConfig, TrainConfig, fit_up
-    from pipeline.rundir import RunDir
+    from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+    from pipeline.training.rundir import RunDir
 
     image_store, text_store = make_toy_pair(tmp_path, n_images=24)
     fit_up(image_store, text_store, tmp_path / "run", width=16, blocks=1,

@@ -104,7 +104,7 @@ def _commands(group: click.Group, prefix: str = ""):
 
 def test_device_defaults_to_auto_and_resolves_in_one_place() -> None:
     import cli
-    from pipeline.distributed import resolve_device
+    from pipeline.training.distributed import resolve_device
 
     with_device = {name: next(p for p in command.params if p.name == "device")
                    for name, command in _commands(cli.main) if any(p.name == "device" for p in command.params)}

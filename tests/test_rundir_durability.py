@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from toy_stores import make_toy_pair
 
-from pipeline.fit import TrainConfig, fit_up
-from pipeline.rundir import METRICS_FILE, RunDir
+from pipeline.training.fit import TrainConfig, fit_up
+from pipeline.training.rundir import METRICS_FILE, RunDir
 
 SMALL = {"width": 32, "blocks": 1}
 TRAIN = {"batch_size": 16, "val_fraction": 0.2, "seed": 1, "tensorboard": False}

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.embed import EmbedError, embed_store, embed_to_files, read_embeddings
-from pipeline.fit import LossConfig, TrainConfig, fit_up
-from pipeline.metrics import ranks_of_first_match
-from pipeline.rundir import RunDir
+from pipeline.evaluation.metrics import ranks_of_first_match
 from pipeline.search import SearchError, build_index, exact_topk, first_relevant_ranks, search
+from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+from pipeline.training.rundir import RunDir
 from stores import FeatureStore
 from tests.test_cli import cli
 from tests.toy_stores import make_toy_pair

@@ -1,4 +1,4 @@
-"""The pieces every training loop shares (pipeline/training.py), and the benchmark suite timing the fit loop's own
+"""The pieces every training loop shares (pipeline/training/loop.py), and the benchmark suite timing the fit loop's own
 step rather than a copy of it. Fast: tiny heads, no stores."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.bench import _bench_head, _train_step
-from pipeline.distributed import pair_encoder
-from pipeline.fit import FitStep
-from pipeline.training import BestEpoch, TrainConfig, TrainingError, build_scheduler, train_epoch
+from pipeline.tools.bench import _bench_head, _train_step
+from pipeline.training.distributed import pair_encoder
+from pipeline.training.fit import FitStep
+from pipeline.training.loop import BestEpoch, TrainConfig, TrainingError, build_scheduler, train_epoch
 
 DIMS = {"image": 6, "text": 5}
 SMALL_UP = {"width": 16, "blocks": 1, "heads": 2}

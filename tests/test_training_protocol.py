@@ -76,8 +76,8 @@ def test_resume_continues_the_recorded_options_and_refuses_different_ones(toy, t
 # ---- --preset paper ----------------------------------------------------------------------------------------------
 def test_every_preset_names_only_options_its_command_has():
     import cli as cli_module
-    from pipeline.fit import TrainConfig
-    from pipeline.presets import PRESET_DIR, preset_names
+    from pipeline.training.fit import TrainConfig
+    from pipeline.training.presets import PRESET_DIR, preset_names
 
     assert "paper" in preset_names()
     train_fields = {f for f in TrainConfig.__dataclass_fields__}
@@ -127,7 +127,7 @@ def test_preset_paper_sets_the_papers_protocol_under_explicit_options(toy, tmp_p
 
 
 def test_preset_paper_for_vqa_trains_the_up_with_a_linear_head(toy, tmp_path):
-    from pipeline.fit import TrainConfig, fit_up
+    from pipeline.training.fit import TrainConfig, fit_up
 
     run = tmp_path / "run"
     fit_up(toy["image"], toy["text"], run, width=16, blocks=1, train=TrainConfig(epochs=1, batch_size=8),
@@ -153,7 +153,7 @@ def test_readme_protocol_table_matches_the_preset_and_the_defaults():
     """The README's table of the paper's protocol says, per option, our default and the paper's value: both must
     be what the command line and presets/paper.json really hold (the defaults may change; the table follows)."""
     import cli as cli_module
-    from pipeline.presets import preset_values
+    from pipeline.training.presets import preset_values
 
     text = (REPO / "README.md").read_text()
     section = text.split("## The paper's protocol", 1)[1].split("\n## ", 1)[0]
@@ -183,8 +183,8 @@ def test_readme_protocol_table_matches_the_preset_and_the_defaults():
 def test_freeze_align_cls_branch_follows_the_store_and_the_option(tmp_path, tiny_image_model, tiny_text_model):
     from extract.run import run_extraction
     from pipeline.demo import make_shapes_dataset
-    from pipeline.fit import TrainConfig, fit_up
-    from pipeline.rundir import RunDir
+    from pipeline.training.fit import TrainConfig, fit_up
+    from pipeline.training.rundir import RunDir
 
     images, captions = make_shapes_dataset(tmp_path / "data", n_images=16, seed=0, prefix="c")
     vit = run_extraction(images, "image", tiny_image_model, tmp_path / "vit", progress=False, workers=0).store
@@ -203,7 +203,7 @@ def test_freeze_align_cls_branch_follows_the_store_and_the_option(tmp_path, tiny
 
 
 def test_freeze_align_without_a_known_cls_encoder_averages_every_token(toy, tmp_path, one_thread):
-    from pipeline.fit import TrainConfig, fit_up
+    from pipeline.training.fit import TrainConfig, fit_up
 
     for name, cls_token in (("auto", None), ("forced", True)):
         fit_up(toy["image"], toy["text"], tmp_path / name, head="freeze-align", width=16, cls_token=cls_token,
@@ -219,7 +219,7 @@ def _selected(records: list[dict]) -> int:
 
 
 def test_fit_up_records_the_selection_rule_and_epoch(toy, tmp_path, one_thread):
-    from pipeline.fit import TrainConfig, fit_up
+    from pipeline.training.fit import TrainConfig, fit_up
 
     run = tmp_path / "run"
     fit_up(toy["image"], toy["text"], run, width=16, blocks=1,
@@ -233,11 +233,11 @@ def test_base_keeps_its_best_validation_epoch_by_the_same_rule(tmp_path, tiny_im
                                                                one_thread):
     from extract.encoders import load_encoder
     from extract.manifest import read_manifest
-    from pipeline.base import _validate, fit_base, manifest_pairs
     from pipeline.demo import make_shapes_dataset
-    from pipeline.fit import TrainConfig, selection_rule
-    from pipeline.pairs import split_by_anchor
-    from pipeline.rundir import RunDir
+    from pipeline.training.base import _validate, fit_base, manifest_pairs
+    from pipeline.training.fit import TrainConfig, selection_rule
+    from pipeline.training.pairs import split_by_anchor
+    from pipeline.training.rundir import RunDir
 
     image_manifest, text_manifest = make_shapes_dataset(tmp_path / "train", 16, seed=0, prefix="tr")
     run = tmp_path / "base"

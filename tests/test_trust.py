@@ -12,7 +12,7 @@ import torch
 from toy_stores import _write
 
 from extract.run import run_extraction
-from pipeline.fit import TrainConfig, fit_up
+from pipeline.training.fit import TrainConfig, fit_up
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,13 +23,10 @@ from extract.adapters import DatasetError, daquar_to_manifests
 from extract.encoders import load_encoder
 from extract.manifest import read_manifest
 from extract.run import run_extraction
-from pipeline.base import fit_base, trainable_tokens
 from pipeline.demo import draw_shape, make_shapes_dataset
-from pipeline.evaluate import evaluate_retrieval
-from pipeline.fit import LossConfig, TrainConfig, fit_up
-from pipeline.rundir import RunError
-from pipeline.vqa import VQASettings, fit_vqa, load_split, load_vqa, predict
-from pipeline.vqa_metrics import (
+from pipeline.evaluation.evaluate import evaluate_retrieval
+from pipeline.evaluation.vqa import VQASettings, fit_vqa, load_split, load_vqa, predict
+from pipeline.evaluation.vqa_metrics import (
     accuracy,
     answer_metrics,
     canonical_answer,
@@ -37,6 +34,9 @@ from pipeline.vqa_metrics import (
     wordnet_similarity,
     wups,
 )
+from pipeline.training.base import fit_base, trainable_tokens
+from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+from pipeline.training.rundir import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ("red", "green", "blue")

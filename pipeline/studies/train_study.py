@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from pipeline.embed import embed_store
-from pipeline.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, fit_up
-from pipeline.metrics import bidirectional_retrieval
-from pipeline.pairs import pair_stores
+from pipeline.evaluation.metrics import bidirectional_retrieval
+from pipeline.training.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, fit_up
+from pipeline.training.pairs import pair_stores
 from stores import FeatureStore
 
 # The paper's settings: constant lr, rsum selection, UP without the skip. Each other config changes one thing.

@@ -1,7 +1,7 @@
 """Named sets of training options (``--preset NAME``), kept as data: one JSON file per preset in ``presets/``.
 
 A preset file maps each training command (``fit-up``, ``fit-al``, ``fit-vqa``) to option values, by the command's
-parameter names (``batch_size``, ``loss_kind``, ...) or the :class:`pipeline.fit.TrainConfig` fields the command
+parameter names (``batch_size``, ``loss_kind``, ...) or the :class:`pipeline.training.fit.TrainConfig` fields the command
 line does not expose (``beta1``, ``beta2``). A preset sets every value it names explicitly, so it means the same
 thing whatever the defaults are; what it does not name keeps the default. Options given on the command line win
 over the preset. :func:`resolve_options` returns the resolved values and the record a run keeps of the preset.

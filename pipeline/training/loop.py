@@ -1,5 +1,5 @@
-"""What every training loop shares: fit-up / fit-al (:func:`pipeline.fit.run_stage`), fit-base, fit-vqa and the
-probe / fine-tune (:func:`pipeline.probe.classify`), and the benchmark suite's timed step.
+"""What every training loop shares: fit-up / fit-al (:func:`pipeline.training.fit.run_stage`), fit-base, fit-vqa and the
+probe / fine-tune (:func:`pipeline.evaluation.probe.classify`), and the benchmark suite's timed step.
 
 One epoch of each trainer is the same few moves, each written once here: draw the epoch's batches from a
 generator seeded by the run's seed and the epoch alone (:func:`epoch_generator`, so a resumed run draws the same

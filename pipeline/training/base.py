@@ -21,7 +21,7 @@ The re-extraction at the end records in ``config.json`` what a store made by the
 a held-out set is evaluated by extracting it with ``--encoder RUN/encoders/image`` (and ``.../text``) and running
 ``eval retrieval --run RUN`` on those stores; a store made with the original (frozen) encoders is refused. The
 weights kept (encoders, head and temperature) are chosen by the rule every trainer uses,
-:func:`pipeline.training.selection_rule` (``TrainConfig.select``, fit-up's by default), recorded in the stage; the encoders are written when an
+:func:`pipeline.training.loop.selection_rule` (``TrainConfig.select``, fit-up's by default), recorded in the stage; the encoders are written when an
 epoch improves on the best, so only one copy of them is ever on disk.
 """
 
@@ -41,13 +41,13 @@ from torch import nn
 
 from extract.encoders import HFImageEncoder, HFTextEncoder, load_encoder
 from extract.manifest import Item, read_manifest
-from pipeline import training
-from pipeline.fit import LossConfig, head_config, store_record
-from pipeline.metrics import bidirectional_retrieval
-from pipeline.pairs import PairingError, Pairs, epoch_batches, split_by_anchor
-from pipeline.prefetch import prefetched
-from pipeline.rundir import RunDir, RunError
-from pipeline.training import TrainConfig, TrainingError
+from pipeline.evaluation.metrics import bidirectional_retrieval
+from pipeline.training import loop as training
+from pipeline.training.fit import LossConfig, head_config, store_record
+from pipeline.training.loop import TrainConfig, TrainingError
+from pipeline.training.pairs import PairingError, Pairs, epoch_batches, split_by_anchor
+from pipeline.training.prefetch import prefetched
+from pipeline.training.rundir import RunDir, RunError
 from project import HEADS
 from stores import FeatureStore
 
@@ -147,7 +147,7 @@ def fit_base(
     manifests; write a run directory (see the module docstring). ``encoder_lr`` is the encoders' learning rate
     (``train.lr`` is the head's): pretrained transformers are fine-tuned with a much smaller step than a fresh head.
     ``head_options``: fields of the head's config (``width``, ``blocks``, ``fusion``, ...; the config's defaults
-    otherwise), taken by the heads that have them (:func:`pipeline.fit.head_config`).
+    otherwise), taken by the heads that have them (:func:`pipeline.training.fit.head_config`).
     """
     head_fields = {f.name for registered in HEADS.values() for f in fields(registered.config_class)}
     if set(head_options) - head_fields:

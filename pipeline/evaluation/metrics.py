@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from pipeline.pairs import Relevance
+    from pipeline.training.pairs import Relevance
 
 # Queries are scored in chunks of at most this many (query, gallery item) cells: a large gallery never needs the
 # whole similarity matrix at once.

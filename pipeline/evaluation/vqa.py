@@ -37,11 +37,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pipeline.embed import embed_store
-from pipeline.fit import store_record
-from pipeline.pairs import pair_stores
-from pipeline.prefetch import prefetched, to_device, token_batch
-from pipeline.rundir import RunDir, RunError, check_compatible
-from pipeline.training import (
+from pipeline.evaluation.vqa_metrics import answer_metrics, canonical_answer, wordnet_similarity
+from pipeline.training.fit import store_record
+from pipeline.training.loop import (
     TrainConfig,
     TrainingError,
     build_optimizer,
@@ -51,7 +49,9 @@ from pipeline.training import (
     seconds_since,
     train_epoch,
 )
-from pipeline.vqa_metrics import answer_metrics, canonical_answer, wordnet_similarity
+from pipeline.training.pairs import pair_stores
+from pipeline.training.prefetch import prefetched, to_device, token_batch
+from pipeline.training.rundir import RunDir, RunError, check_compatible
 from project.vqa import VQAHead, VQAHeadConfig, VQAModel
 from stores import FeatureStore, atomic_write_text
 

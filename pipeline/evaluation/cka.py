@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.pairs import pair_stores
+from pipeline.training.pairs import pair_stores
 from stores import FeatureStore, OneEncoderError, atomic_write_text
 
 

@@ -36,11 +36,11 @@ from safetensors.torch import save_file
 
 from pipeline.curate import class_indices, label_key, labels_of
 from pipeline.embed import embed_store
-from pipeline.evaluate import EvaluationError, report_stem
-from pipeline.metrics import topk_accuracy
-from pipeline.prefetch import prefetched
-from pipeline.rundir import RunDir, check_compatible
-from pipeline.training import TrainConfig, build_optimizer, epoch_line, optimiser_step, train_epoch
+from pipeline.evaluation.evaluate import EvaluationError, report_stem
+from pipeline.evaluation.metrics import topk_accuracy
+from pipeline.training.loop import TrainConfig, build_optimizer, epoch_line, optimiser_step, train_epoch
+from pipeline.training.prefetch import prefetched
+from pipeline.training.rundir import RunDir, check_compatible
 from project.classifier import EmbeddingClassifier, finetune_parameters, parameter_groups, standardisation
 from stores import FeatureStore, atomic_write_text, identity_differences
 

@@ -11,9 +11,9 @@ import torch
 
 from pipeline.embed import embed_store
 from pipeline.encode import embed_records
-from pipeline.metrics import bidirectional_retrieval, topk_accuracy
-from pipeline.pairs import pair_stores
-from pipeline.rundir import RunDir, check_compatible
+from pipeline.evaluation.metrics import bidirectional_retrieval, topk_accuracy
+from pipeline.training.pairs import pair_stores
+from pipeline.training.rundir import RunDir, check_compatible
 from stores import FeatureStore, OneEncoderError, atomic_write_text
 
 
@@ -26,7 +26,7 @@ def evaluate_retrieval(run_dir: Path | str, store_a: Path | str, store_b: Path |
 
     Pairs come from ``ref`` or ids (:func:`pair_stores`); each distinct item is embedded and ranked once, and a
     query's relevant items are all those it is paired with (many-to-many: the two spoken and the two written
-    captions of one image are all relevant to each other). Definitions: :mod:`pipeline.metrics`."""
+    captions of one image are all relevant to each other). Definitions: :mod:`pipeline.evaluation.metrics`."""
     run = RunDir(run_dir)
     model, _, config = run.load_model(device)
     a, b = FeatureStore.open(store_a), FeatureStore.open(store_b)

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.prefetch import prefetched, to_device, token_batch
+from pipeline.training.prefetch import prefetched, to_device, token_batch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The head trained in P1 (and P3_small): a smaller UP than the paper's, so the suite finishes on a 2-core CPU. It
 # has about a seventh of the FLOPs per token, so store overhead weighs MORE against it: stricter.
@@ -298,7 +298,7 @@ def _bench_head(input_dims: dict[str, int], device: str, up: dict[str, Any] = BE
     """A P1/P3 head (UPConfig fields ``up``), loss and optimiser (the fit loop's builder with the paper's AdamW
     settings, constant learning rate), freshly seeded; ``changes`` override UPConfig fields (P3's dropout-0
     diagnostic)."""
-    from pipeline.training import TrainConfig, build_optimizer
+    from pipeline.training.loop import TrainConfig, build_optimizer
     from project import ContrastiveLoss, OneEncoder, UPConfig
 
     torch.manual_seed(0)
@@ -309,10 +309,10 @@ def _bench_head(input_dims: dict[str, int], device: str, up: dict[str, Any] = BE
 
 
 def _train_step(head, batch, device: str) -> None:
-    """One step of the fit loop (:class:`pipeline.fit.FitStep`, the step ``run_stage`` runs) on a single-process
+    """One step of the fit loop (:class:`pipeline.training.fit.FitStep`, the step ``run_stage`` runs) on a single-process
     batch ``((image tokens, mask), (text tokens, mask))``."""
-    from pipeline.distributed import PairEncoder
-    from pipeline.fit import FitStep
+    from pipeline.training.distributed import PairEncoder
+    from pipeline.training.fit import FitStep
 
     model, loss_fn, optimizer = head
     FitStep(PairEncoder(model, "image", "text"), loss_fn, optimizer, device)(batch, len(batch[0][0]), "in the bench")
@@ -320,14 +320,14 @@ def _train_step(head, batch, device: str) -> None:
 
 def _epoch_batches(image_store, text_store, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The index batches of one fit-up epoch (one caption per image), fixed by a seed: every variant sees these."""
-    from pipeline.pairs import epoch_batches, pair_stores
+    from pipeline.training.pairs import epoch_batches, pair_stores
 
     pairs = pair_stores(image_store, text_store)
     return list(epoch_batches(pairs, batch_size, torch.Generator().manual_seed(0), "one-per-anchor"))
 
 
 def _fetch_from(image_store, text_store) -> Callable[[int, np.ndarray, np.ndarray], tuple]:
-    """Reads a step's batches as the fit loop does (:func:`pipeline.prefetch.token_batch`)."""
+    """Reads a step's batches as the fit loop does (:func:`pipeline.training.prefetch.token_batch`)."""
     return lambda step, a, b: (token_batch(image_store, a), token_batch(text_store, b))
 
 
@@ -350,7 +350,7 @@ def _best_epochs(times: dict[str, list[float]], steps: int) -> dict[str, float]:
 # ---- P1 ----------------------------------------------------------------------------------------------------------
 def _training_overhead(bench: Bench, image_path: Path, text_path: Path, batch_size: int, label: str,
                        keys: tuple[str, str], disk_targeted: bool = True, cold_key: str | None = None) -> list[Metric]:
-    """Epoch time reading minibatches from the stores the way the fit loop does (:func:`pipeline.prefetch.
+    """Epoch time reading minibatches from the stores the way the fit loop does (:func:`pipeline.training.prefetch.
     prefetched`: the next batches are read in a thread while this one trains), in RAM mode (the default at this
     size) and disk mode, over the same epoch with every batch already in RAM as torch tensors; same head, same
     batches. Whole epochs are interleaved (A B C, C B A, ...): prefetching only shows over an epoch. ``cold_key``

@@ -20,14 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import distributed
 from pipeline.embed import embed_store
-from pipeline.metrics import bidirectional_retrieval
-from pipeline.pairs import Pairs, check_pivot_refs, epoch_batches, epoch_steps, pair_stores, split_by_anchor
-from pipeline.prefetch import prefetched, to_device, token_batch
+from pipeline.evaluation.metrics import bidirectional_retrieval
 from pipeline.progress import progress_bar
-from pipeline.rundir import RunDir, RunError
-from pipeline.training import (
+from pipeline.training import distributed
+from pipeline.training.loop import (
     LR_SCHEDULES,
     SELECTIONS,
     BestEpoch,
@@ -46,6 +43,16 @@ from pipeline.training import (
     selection_score,
     train_epoch,
 )
+from pipeline.training.pairs import (
+    Pairs,
+    check_pivot_refs,
+    epoch_batches,
+    epoch_steps,
+    pair_stores,
+    split_by_anchor,
+)
+from pipeline.training.prefetch import prefetched, to_device, token_batch
+from pipeline.training.rundir import RunDir, RunError
 from project import HEADS, ContrastiveLoss
 from stores import FeatureStore
 
@@ -137,7 +144,7 @@ def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> tuple[dict, list[
     if len(pairs) == 0:
         return {}, []
     device = stage.train.device
-    relevance = pairs.relevance()  # each distinct item once; many-to-many relevance (pipeline/metrics.py)
+    relevance = pairs.relevance()  # each distinct item once; many-to-many relevance (pipeline/evaluation/metrics.py)
     a = embed_store(model, stage.anchor, stage.anchor_store, relevance.anchors, device=device)
     b = embed_store(model, stage.partner, stage.partner_store, relevance.partners, device=device)
     a_ok, b_ok = torch.isfinite(a).all(1).numpy(), torch.isfinite(b).all(1).numpy()
@@ -313,7 +320,7 @@ class FitStep:
         return value
 
     def on_pair_batch(self, batch: tuple, where: str) -> tuple[float, int]:
-        """:func:`pipeline.training.train_epoch`'s step on one prefetched ``((anchor rows, partner rows),
+        """:func:`pipeline.training.loop.train_epoch`'s step on one prefetched ``((anchor rows, partner rows),
         fetched)``: the loss and the global batch size."""
         (a_idx, _), fetched = batch
         return self(fetched, len(a_idx), where), len(a_idx)
@@ -447,7 +454,7 @@ def fit_up(
     ``cls_token`` (freeze-align): whether the image tokens start with a CLS token, which then gets the projector's
     own CLS branch instead of being averaged with the patches; None: read from the image store (an encoder known to
     prepend one, :func:`extract.encoders.image_tokens_start_with_cls`). ``preset``: the record of the
-    ``--preset`` the options came from (:func:`pipeline.presets.resolve_options`), kept with the stage.
+    ``--preset`` the options came from (:func:`pipeline.training.presets.resolve_options`), kept with the stage.
     ``resume`` continues the run with its recorded configuration: options that differ from it are refused
     (:func:`check_resume`), except ``train.epochs`` (train longer) and where it runs."""
     from extract.encoders import image_tokens_start_with_cls
@@ -550,7 +557,7 @@ def fit_al(
     but an AL belongs to one modality and the pivot is already aligned. ``preset`` and ``resume`` as in
     :func:`fit_up`: a resume continues the stage's recorded configuration and refuses options that differ from it.
     """
-    from pipeline.rundir import check_compatible
+    from pipeline.training.rundir import check_compatible
 
     train = train or TrainConfig(epochs=100, batch_size=64)  # Section IV-B: step 2 uses 100 epochs, batch 64
     run = RunDir(run_dir, tensorboard=train.tensorboard)

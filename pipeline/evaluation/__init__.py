@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and zero-shot, metrics, linear probe and fine-tune, VQA, the retrieval sheet, reports, CKA."""

@@ -1,0 +1,1 @@
+"""Rendering: figures and pages drawn from evaluation results (matplotlib plots, the retrieval sheet's HTML and PNG)."""
