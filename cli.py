@@ -480,6 +480,13 @@ def train_options(epochs: int, batch_size: int, lr_schedule: str = "constant", s
                      help="validation signal that picks the kept epoch: mean rank of the true partner (both ways) "
                           "or R@1+R@5+R@10 (both ways)"),
         device_option,
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="the forward under autocast to bf16 / fp16 (fp16: CUDA only, with a loss scaler); the loss "
+                          "stays fp32; recorded, a resume keeps it"),
+        click.option("--store-device", type=click.Choice(["none", "cpu", "cuda"]), default="none",
+                     show_default=True,
+                     help="hold both stores whole on this device and gather minibatches there (an epoch reads "
+                          "nothing from disk; refused when they do not fit); none: read them as their size says"),
         click.option("--resume", is_flag=True, help="continue the run from its last checkpoint"),
         click.option("--strict-pairs", is_flag=True,
                      help="refuse items whose partner is absent from the other store (default: leave them out, "
@@ -534,10 +541,11 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
     if recorded is not None:
-        restored = {k: v for k, v in recorded.items() if k not in explicit and k not in ("device", "tensorboard")}
+        restored = {k: v for k, v in recorded.items()
+                    if k not in explicit and k not in ("device", "tensorboard", "store_device")}
         options = {**options, **restored}
         return options, ({"name": options["preset"]} if options.get("preset") else None)
-    extra = {f.name for f in fields(TrainConfig)} - {"device", "tensorboard"}
+    extra = {f.name for f in fields(TrainConfig)} - {"device", "tensorboard", "store_device"}
     return resolve_options(command, {k: v for k, v in options.items() if k != "preset"}, explicit,
                            options.get("preset"), extra)
 

@@ -256,6 +256,15 @@ class FeatureStore:
             self._memory_np = np.ascontiguousarray(whole)
             self._memory = self._as_tensor(self._memory_np)
 
+    def whole_tokens(self) -> tuple[torch.Tensor, np.ndarray]:
+        """Every item's tokens in one CPU tensor in the storage dtype, loaded into memory once whatever the RAM
+        budget (:meth:`load_into_memory`), and the item offsets: ragged rows ``[total tokens, D]`` (item ``i`` is
+        rows ``offsets[i]:offsets[i + 1]``), fixed ``[N, L, D]``, pooled ``[N, D]``. No padding: the tensor takes
+        :attr:`nbytes`."""
+        self.load_into_memory()
+        assert self._memory is not None
+        return self._memory, self._offsets
+
     def _as_tensor(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         return tensor.view(torch.bfloat16) if self.meta.dtype == "bfloat16" else tensor

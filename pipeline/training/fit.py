@@ -31,11 +31,14 @@ from pipeline.training.loop import (
     TrainConfig,
     TrainingError,
     add_selection_scores,
+    autocast,
     build_optimizer,
     build_scheduler,
+    check_precision,
     epoch_generator,
     epoch_line,
     epoch_seed,
+    grad_scaler,
     optimiser_step,
     retrieval_parts,
     seconds_since,
@@ -52,6 +55,7 @@ from pipeline.training.pairs import (
     split_by_anchor,
 )
 from pipeline.training.prefetch import prefetched, to_device, token_batch
+from pipeline.training.resident import ResidentStore, check_fits, store_device_for
 from pipeline.training.rundir import RunDir, RunError
 from project import HEADS, ContrastiveLoss
 from stores import FeatureStore
@@ -88,7 +92,7 @@ def store_record(store: FeatureStore) -> dict:
 
 
 # What --resume lets differ from the recorded configuration: how long and where to train, not what is trained.
-RESUME_MAY_CHANGE = frozenset({"epochs", "device", "tensorboard"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "device", "tensorboard", "store_device"})
 _FLAGS = {"loss_kind": "--loss", "tensorboard": "--no-tensorboard"}
 
 
@@ -167,13 +171,17 @@ def _validate(model: nn.Module, stage: Stage, pairs: Pairs) -> tuple[dict, list[
 
 
 def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched: tuple, batch_len: int,
-                      device: str) -> torch.Tensor:
+                      device: str, precision: str = "fp32") -> torch.Tensor:
     """The contrastive loss of one global batch of ``batch_len`` pairs, from this rank's ``fetched`` slice
     ``((a_tokens, a_mask), (b_tokens, b_mask))``. In a single process the slice is the whole batch; under torchrun
     the slices' embeddings are gathered with gradients, so every rank returns the loss of the whole global batch
-    and backward gives (after DDP's averaging) the single-process gradient."""
+    and backward gives (after DDP's averaging) the single-process gradient. Under ``precision`` bf16 / fp16 the
+    forward runs in autocast and the embeddings are cast back: the similarities and the loss are fp32."""
     (a_tokens, a_mask), (b_tokens, b_mask) = (to_device(side, device) for side in fetched)
-    a, b = encode_pair(a_tokens, a_mask, b_tokens, b_mask)
+    with autocast(precision, device):
+        a, b = encode_pair(a_tokens, a_mask, b_tokens, b_mask)
+    if precision != "fp32":
+        a, b = a.float(), b.float()
     if distributed.is_distributed():
         sizes = distributed.split_sizes(batch_len, distributed.world_size())
         own = sizes[distributed.rank()]  # a rank with an empty slice embedded one row it drops here
@@ -223,10 +231,21 @@ def return_freed_memory_to_the_os(threshold_bytes: int = 1 << 20) -> bool:
 
 
 def _check_schedule(cfg: TrainConfig) -> None:
+    check_precision(cfg.precision, cfg.device)
+    store_device_for(cfg.store_device, cfg.device)
     if cfg.select not in SELECTIONS:
         raise TrainingError(f"select must be one of {SELECTIONS}, got {cfg.select!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+
+
+def _check_placement(cfg: TrainConfig, stores: list[FeatureStore]) -> None:
+    """Refuse a precision or ``--store-device`` this machine cannot train with, and stores that do not fit on the
+    device they are to be held on, before a run directory is touched."""
+    _check_schedule(cfg)
+    holder = store_device_for(cfg.store_device, cfg.device)
+    if holder is not None:
+        check_fits(stores, holder)
 
 
 def _trainable_parameters(model: nn.Module, loss_fn: ContrastiveLoss, trainable: list[str]) -> list[nn.Parameter]:
@@ -260,7 +279,7 @@ def _train_modes(model: nn.Module, trainable: list[str]) -> Callable[[], None]:
 
 def _resume_point(run: RunDir, stage: Stage, model: nn.Module, loss_fn: ContrastiveLoss,
                   optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                  resume: bool) -> tuple[int, BestEpoch]:
+                  resume: bool, scaler: torch.amp.GradScaler | None = None) -> tuple[int, BestEpoch]:
     """The first epoch to train and the best epoch so far: a resumed stage restores its last checkpoint (weights,
     optimiser, schedule, random state) and drops the metrics of epochs after it; a fresh one drops its old metrics."""
     state = run.checkpoint_state() if resume else None
@@ -272,6 +291,8 @@ def _resume_point(run: RunDir, stage: Stage, model: nn.Module, loss_fn: Contrast
     optimizer.load_state_dict(state["optimizer"])
     if "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     done = int(state["epoch"])
     best_epoch = int(state.get("best_epoch") or max(
@@ -282,17 +303,25 @@ def _resume_point(run: RunDir, stage: Stage, model: nn.Module, loss_fn: Contrast
     return done + 1, BestEpoch(float(state["best"]), best_epoch)
 
 
-def _rank_fetcher(stage: Stage, pin: bool) -> Callable[[tuple], tuple]:
+def _rank_fetcher(stage: Stage, pin: bool, holder: str | None = None) -> Callable[[tuple], tuple]:
+    """What reads one minibatch of ``stage``: from the stores (:func:`token_batch`, pinned when ``pin``), or, with
+    ``holder`` (``--store-device``), gathered from both stores held whole on that device (:class:`ResidentStore`)."""
+    if holder is None:
+        reads = [lambda idx, store=store: token_batch(store, idx, pin)
+                 for store in (stage.anchor_store, stage.partner_store)]
+    else:
+        reads = [ResidentStore(store, holder, pin=pin and holder == "cpu").batch
+                 for store in (stage.anchor_store, stage.partner_store)]
+
     def fetch(pair: tuple) -> tuple:
-        """Both sides of this rank's part of one minibatch (:func:`token_batch`), read in the prefetch thread.
+        """Both sides of this rank's part of one minibatch, read in the prefetch thread.
 
         A rank whose slice is empty (a global batch smaller than the world) reads one row it then drops, so that
         every rank runs the same forward and backward."""
         part = distributed.my_slice(len(pair[0]))
         if part.start == part.stop:
             part = slice(0, 1)
-        return (token_batch(stage.anchor_store, pair[0][part], pin),
-                token_batch(stage.partner_store, pair[1][part], pin))
+        return reads[0](pair[0][part]), reads[1](pair[1][part])
 
     return fetch
 
@@ -309,11 +338,13 @@ class FitStep:
     device: str
     hint: str = "lower --lr or check the stores for non-finite values"
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    precision: str = "fp32"  # the forward's (loop.PRECISIONS); the loss is fp32
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler (loop.grad_scaler)
 
     def __call__(self, fetched: tuple, batch_len: int, where: str) -> float:
         """Train on ``fetched``, this rank's part of a global batch of ``batch_len`` pairs; returns the loss."""
-        loss = global_batch_loss(self.encode_pair, self.loss_fn, fetched, batch_len, self.device)
-        value = optimiser_step(self.optimizer, loss, where, self.hint)
+        loss = global_batch_loss(self.encode_pair, self.loss_fn, fetched, batch_len, self.device, self.precision)
+        value = optimiser_step(self.optimizer, loss, where, self.hint, self.scaler)
         if self.scheduler is not None:
             self.scheduler.step()
         self.loss_fn.clamp_temperature_()
@@ -344,7 +375,8 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     mix_after_warmup = loss_fn.target_mix
     steps_per_epoch = epoch_steps(train_pairs, cfg.batch_size, cfg.sampling)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
-    start_epoch, best = _resume_point(run, stage, model, loss_fn, optimizer, scheduler, resume)
+    scaler = grad_scaler(cfg.precision, cfg.device)
+    start_epoch, best = _resume_point(run, stage, model, loss_fn, optimizer, scheduler, resume, scaler)
     if start_epoch > cfg.epochs:
         return {"stage": stage.name, "epochs": cfg.epochs, "resumed_finished_run": True}
 
@@ -353,8 +385,11 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     # gathered with gradients, so the loss (and its gradient) is that of the whole global batch (pipeline/distributed).
     step = FitStep(distributed.pair_encoder(model, stage.anchor, stage.partner, cfg.device), loss_fn, optimizer,
                    cfg.device, f"the last good checkpoint in {run.checkpoints} is intact; lower --lr or check the "
-                   "stores for non-finite values", scheduler)
-    fetch = _rank_fetcher(stage, pin=torch.device(cfg.device).type == "cuda")
+                   "stores for non-finite values", scheduler, cfg.precision, scaler)
+    holder = store_device_for(cfg.store_device, cfg.device)
+    if holder is not None:
+        check_fits([stage.anchor_store, stage.partner_store], holder)
+    fetch = _rank_fetcher(stage, pin=torch.device(cfg.device).type == "cuda", holder=holder)
     main = distributed.is_main()
     summary: dict = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -402,6 +437,7 @@ def _close_epoch(run: RunDir, model: nn.Module, step: FitStep, stage: Stage, rec
         run.save_checkpoint(model, loss_fn, {"stage": stage.name, "epoch": record["epoch"], "best": best.score,
                                              "best_epoch": best.epoch, "optimizer": step.optimizer.state_dict(),
                                              "scheduler": step.scheduler.state_dict() if step.scheduler else None,
+                                             **({"scaler": step.scaler.state_dict()} if step.scaler else {}),
                                              "rng": torch.get_rng_state()},
                             tag=f"epoch-{record['epoch']:04d}")
 
@@ -465,6 +501,7 @@ def fit_up(
             raise TrainingError(f"store {store.path} holds {store.modality!r} features, not {modality!r}")
     train, loss = train or TrainConfig(**FIT_UP_SCHEDULE), loss or LossConfig()
     checked_pairs(images, texts, train)  # every input is checked before the run directory is touched
+    _check_placement(train, [images, texts])
     cls = image_tokens_start_with_cls(images.identity) if cls_token is None else bool(cls_token)
     model_config = head_config(head, {"image": images.dim, "text": texts.dim}, width=width, blocks=blocks,
                                fusion=fusion, cls_token={"image": cls}, pooled_skip=pooled_skip,
@@ -570,6 +607,7 @@ def fit_al(
         raise TrainingError(f"store {new.path} holds {new.modality!r} features, not {modality!r}")
     check_pivot_refs(new, pivot_features)
     checked_pairs(pivot_features, new, train)  # before the config or weights are touched
+    _check_placement(train, [pivot_features, new])
     record = config["modalities"].get(modality)
     stage_name = f"fit-al:{modality}"
     if record is None:

@@ -11,6 +11,7 @@ What differs between trainers (what a batch is, what is evaluated, what is saved
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,11 @@ class TrainConfig:
     device: str = "cpu"
     tensorboard: bool = True  # also mirror metrics.jsonl into RUN/tb/ event files
     strict_pairs: bool = False  # refuse items whose partner is absent (e.g. failed extraction) instead of dropping them
+    # The forward's precision (PRECISIONS): fp32, or autocast to bf16 / fp16 with the loss in fp32 (docs/training.md).
+    precision: str = "fp32"
+    # Where fit-up / fit-al hold the stores whole (STORE_DEVICES in pipeline/training/resident.py): none reads them
+    # as the store's RAM budget says; cpu / cuda loads each once and gathers minibatches there.
+    store_device: str = "none"
 
 
 # ---- batches and steps -------------------------------------------------------------------------------------------
@@ -93,15 +99,49 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
         optimizer, lambda step: lr_factor(step, total_steps, cfg.lr_schedule, cfg.lr_warmup))
 
 
-def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str, hint: str) -> float:
+def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str, hint: str,
+                   scaler: torch.amp.GradScaler | None = None) -> float:
     """One step on ``loss``, shared by every training loop; a non-finite loss stops training with a clear error
-    before it can touch the weights. Returns the loss value."""
+    before it can touch the weights. Returns the loss value. ``scaler`` (fp16, :func:`grad_scaler`) scales the
+    loss before backward and skips a step whose gradients overflowed."""
     if not torch.isfinite(loss):
         raise TrainingError(f"loss became {loss.item()} {where}; stopping ({hint})")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss.item()
+
+
+# ---- precision ---------------------------------------------------------------------------------------------------
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: str) -> None:
+    """Refuse a precision that is unknown or that ``device`` does not train in. fp16 needs CUDA: torch documents
+    CPU autocast for bfloat16 (fp16's loss scaling is the GPU recipe), and CPUs run few fp16 kernels fast; bf16,
+    with fp32's exponent range, needs no scaler and runs anywhere."""
+    if precision not in PRECISIONS:
+        raise TrainingError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise TrainingError(f"--precision fp16 needs a CUDA device, not {device!r}: use --precision bf16 there")
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """The context a forward runs in: nothing for fp32, else ``torch.autocast`` to bf16 / fp16 on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: str) -> torch.amp.GradScaler | None:
+    """The loss scaler fp16 training needs against gradient underflow (on CUDA); None for fp32 and bf16."""
+    return torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
 
 
 def train_epoch(batches: Iterable[Batch], step: Callable[[Batch, str], tuple[float, int]], where: str) -> float:
