@@ -1204,12 +1204,13 @@ def demo(out, images, epochs, tiny) -> None:
 @device_option
 @click.option("--json", "as_json", is_flag=True,
               help="print the JSON report on stdout (the table and progress go to stderr; docs/json.md)")
-def bench(quick, out, device, as_json) -> None:
+@click.option("--gpu-only", is_flag=True, help="only the GPU rows (pipeline/tools/gpu_check.sh)")
+def bench(quick, out, device, as_json, gpu_only) -> None:
     """Performance suite on generated data: training from cache, extraction, storage, memory, no-op re-runs."""
     from pipeline.tools.bench import run_bench
 
     report = run_bench("quick" if quick else "full", out, device=device,
-                       echo=functools.partial(click.echo, err=True) if as_json else click.echo)
+                       echo=functools.partial(click.echo, err=True) if as_json else click.echo, gpu_only=gpu_only)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=float))  # as bench.json is written
 

@@ -147,13 +147,14 @@ def test_cuda_resident_store_matches_the_disk_path(tmp_path):
 
 
 @cuda
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_cuda_fit_up_trains_under_each_precision_from_resident_stores(tmp_path, precision):
+@pytest.mark.parametrize(("precision", "store_device"), [("fp32", "none"), ("bf16", "cuda"), ("fp16", "cpu"),
+                                                         ("fp16", "cuda")])
+def test_cuda_fit_up_trains_under_each_precision_and_store_device(tmp_path, precision, store_device):
     image_store, text_store = make_toy_pair(tmp_path, n_images=60)
     run = tmp_path / precision
     fit_up(image_store, text_store, run, **SMALL, progress=False,
            train=TrainConfig(epochs=12, batch_size=16, val_fraction=0.25, device="cuda", precision=precision,
-                             store_device="cuda"))
+                             store_device=store_device))
     metrics = RunDir(run).metrics()
     assert all(np.isfinite(m["loss"]) for m in metrics)
     assert max(m["val"]["image->text"]["R@1"] for m in metrics) >= 0.5  # chance: 1/15

@@ -70,26 +70,29 @@ class Sizes:
     p6_items: int
     read_items: int  # random-read store size (items of 197x768)
     read_batches: int  # batches of 256 per timed call
+    up_batch: int  # the GPU rows' paper-UP step: batch (fit-up's default in full)
+    up_steps: int  # and its timed steps per round
 
 
 SIZES = {
     "full": Sizes("full", reps=6, p1_reps=12, p1_images=256, p1_batch=64, p1_pooled_images=8192, p1_pooled_batch=256,
                   vit_layers=12, p2_images=128, p2_batch=32, p3_steps=3, p4_captions=10_000, p5_items=448,
-                  p6_items=10_000, read_items=2048, read_batches=4),
+                  p6_items=10_000, read_items=2048, read_batches=4, up_batch=128, up_steps=10),
     "quick": Sizes("quick", reps=2, p1_reps=2, p1_images=16, p1_batch=8, p1_pooled_images=1024, p1_pooled_batch=256,
                    vit_layers=2, p2_images=32, p2_batch=16, p3_steps=1, p4_captions=1000, p5_items=32,
-                   p6_items=1000, read_items=256, read_batches=1),
+                   p6_items=1000, read_items=256, read_batches=1, up_batch=4, up_steps=1),
 }
 
 
 # ---- results -----------------------------------------------------------------------------------------------------
 @dataclass
 class Metric:
-    """One row of the table. ``passed`` is None for a metric reported without a target."""
+    """One row of the table. ``passed`` is None for a metric reported without a target; ``value`` is None for a
+    row not measured on this machine (the GPU rows without a CUDA device), ``notes`` saying why."""
 
     key: str
     name: str
-    value: float
+    value: float | None
     unit: str
     target: str
     passed: bool | None
@@ -108,7 +111,10 @@ def format_table(metrics: list[Metric]) -> str:
     """The one table: metric, measured, target, pass/fail, notes."""
     rows = [("metric", "measured", "target", "result", "notes")]
     for m in metrics:
-        value = f"{m.value:.3g} {m.unit}".strip() if abs(m.value) < 1e4 else f"{m.value:,.0f} {m.unit}".strip()
+        if m.value is None:
+            value = "not measured"
+        else:
+            value = f"{m.value:.3g} {m.unit}".strip() if abs(m.value) < 1e4 else f"{m.value:,.0f} {m.unit}".strip()
         result = "info" if m.passed is None else ("pass" if m.passed else "FAIL")
         rows.append((f"{m.key} {m.name}", value, m.target, result, m.notes))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -308,14 +314,15 @@ def _bench_head(input_dims: dict[str, int], device: str, up: dict[str, Any] = BE
     return model, loss, optimizer
 
 
-def _train_step(head, batch, device: str) -> None:
+def _train_step(head, batch, device: str, precision: str = "fp32") -> None:
     """One step of the fit loop (:class:`pipeline.training.fit.FitStep`, the step ``run_stage`` runs) on a single-process
-    batch ``((image tokens, mask), (text tokens, mask))``."""
+    batch ``((image tokens, mask), (text tokens, mask))``, its forward in ``precision``."""
     from pipeline.training.distributed import PairEncoder
     from pipeline.training.fit import FitStep
 
     model, loss_fn, optimizer = head
-    FitStep(PairEncoder(model, "image", "text"), loss_fn, optimizer, device)(batch, len(batch[0][0]), "in the bench")
+    FitStep(PairEncoder(model, "image", "text"), loss_fn, optimizer, device,
+            precision=precision)(batch, len(batch[0][0]), "in the bench")
 
 
 def _epoch_batches(image_store, text_store, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -438,15 +445,25 @@ def _cold_metric(key: str, label: str, times: dict[str, list[float]], evicted: l
                    "evicted_bytes": size, "eviction_skipped": skipped, "seconds": times})
 
 
+def p1_token_stores(bench: Bench) -> tuple[Path, Path]:
+    """P1a's stores: fixed 197x768 fp16 image tokens + ragged 768-wide caption tokens (2 captions per image)."""
+
+    def build() -> tuple[Path, Path]:
+        n = bench.sizes.p1_images
+        root = bench.root / "p1-tokens"
+        image = write_random_store(root / "image", "fixed", n, IMAGE_DIM, tokens=IMAGE_TOKENS,
+                                   metas=[{"id": f"im{i}"} for i in range(n)])
+        text = write_random_store(root / "text", "ragged", 2 * n, TEXT_DIM, lengths=caption_lengths(2 * n, 1),
+                                  seed=1, metas=[{"id": f"im{i // 2}-c{i % 2}", "ref": f"im{i // 2}"}
+                                                 for i in range(2 * n)])
+        return image, text
+
+    return bench.once("p1-token-stores", build)
+
+
 def measure_p1_tokens(bench: Bench) -> list[Metric]:
-    """P1a: fixed 197x768 fp16 image tokens + ragged 768-wide caption tokens (2 captions per image); P1a_cold the
-    disk mode from a cold page cache."""
-    n = bench.sizes.p1_images
-    root = bench.root / "p1-tokens"
-    image = write_random_store(root / "image", "fixed", n, IMAGE_DIM, tokens=IMAGE_TOKENS,
-                               metas=[{"id": f"im{i}"} for i in range(n)])
-    text = write_random_store(root / "text", "ragged", 2 * n, TEXT_DIM, lengths=caption_lengths(2 * n, 1), seed=1,
-                              metas=[{"id": f"im{i // 2}-c{i % 2}", "ref": f"im{i // 2}"} for i in range(2 * n)])
+    """P1a: the tokens stores of :func:`p1_token_stores`; P1a_cold the disk mode from a cold page cache."""
+    image, text = p1_token_stores(bench)
     return _training_overhead(bench, image, text, bench.sizes.p1_batch, "tokens", ("P1a", "P1a_disk"),
                               cold_key="P1a_cold")
 
@@ -756,10 +773,115 @@ def measure_random_reads(bench: Bench) -> Metric:
                   {"samples_per_s": rate, "seconds": times, "items": n, "batch": READ_BATCH})
 
 
+# ---- on a GPU ------------------------------------------------------------------------------------------------
+GPU_ROWS = {
+    "P1_gpu": ("cached-training overhead, tokens, GPU, stores resident on it", "x", "<= 1.05"),
+    "P1_gpu_disk": ("cached-training overhead, tokens, GPU, disk mode, pinned prefetch", "x", "<= 1.05"),
+    "UP_bf16": ("paper's UP training step under bf16 autocast, GPU", "images/s", "report"),
+}
+
+
+def gpu_overhead_times(bench: Bench, device: str) -> dict[str, Any]:
+    """P1a's epoch on ``device`` three ways, interleaved: every batch already on the device as float32 (the
+    bound), gathered from the stores held whole on the device (``--store-device``), and read from disk in the
+    prefetch thread into pinned memory (``ram_budget_gb=0``, pinned when ``device`` is CUDA), as the fit loop
+    does; same head (the P1 UP), same batches, fp32."""
+    from pipeline.training.resident import ResidentStore
+    from stores import FeatureStore
+
+    image_path, text_path = p1_token_stores(bench)
+    stores = FeatureStore.open(image_path), FeatureStore.open(text_path)
+    on_disk = FeatureStore.open(image_path, ram_budget_gb=0), FeatureStore.open(text_path, ram_budget_gb=0)
+    batches = _epoch_batches(*stores, bench.sizes.p1_batch)
+    pin = torch.device(device).type == "cuda"
+    on_device = [tuple(to_device(side, device) for side in _fetch_from(*stores)(0, a, b)) for a, b in batches]
+    resident = ResidentStore(stores[0], device), ResidentStore(stores[1], device)
+    head = _bench_head({"image": stores[0].dim, "text": stores[1].dim}, device)
+
+    def epoch(fetch: Callable[[tuple], tuple] | None) -> Callable[[int], None]:
+        def run(_: int) -> None:
+            source = ((None, b) for b in on_device) if fetch is None else prefetched(batches, fetch)
+            for _pair, batch in source:
+                _train_step(head, batch, device)
+
+        return run
+
+    epochs = {"on the device": epoch(None),
+              "resident": epoch(lambda pair: (resident[0].batch(pair[0]), resident[1].batch(pair[1]))),
+              "disk, pinned": epoch(lambda pair: (token_batch(on_disk[0], pair[0], pin),
+                                                  token_batch(on_disk[1], pair[1], pin)))}
+    for run in epochs.values():  # warm-up epoch: allocator, kernels, page cache
+        run(0)
+    times = interleaved(epochs, bench.sizes.p1_reps, device)
+    return {"seconds": times, "steps": len(batches), "batch": bench.sizes.p1_batch,
+            "resident_bytes": [r.nbytes for r in resident],
+            "resident": ratios(times["resident"], times["on the device"]),
+            "disk": ratios(times["disk, pinned"], times["on the device"])}
+
+
+def up_step_rates(bench: Bench, device: str) -> dict[str, Any]:
+    """Images/s of the paper's UP (fit-up's default head) training step on ``device`` under bf16 autocast and in
+    fp32, interleaved, on random 197x768 image / 8-40 x 768 caption batches already on the device."""
+    s = bench.sizes
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.from_numpy(caption_lengths(s.up_batch, 2))
+    text_mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    batch = ((torch.randn(s.up_batch, IMAGE_TOKENS, IMAGE_DIM, generator=gen),
+              torch.ones(s.up_batch, IMAGE_TOKENS, dtype=torch.bool)),
+             (torch.randn(s.up_batch, text_mask.shape[1], TEXT_DIM, generator=gen) * text_mask[..., None], text_mask))
+    batch = tuple(to_device(side, device) for side in batch)
+    dims = {"image": IMAGE_DIM, "text": TEXT_DIM}
+    heads = {precision: _bench_head(dims, device, PAPER_UP) for precision in ("bf16", "fp32")}
+
+    def steps(precision: str) -> Callable[[int], None]:
+        def run(_: int) -> None:
+            for _step in range(s.up_steps):
+                _train_step(heads[precision], batch, device, precision)
+
+        return run
+
+    variants = {precision: steps(precision) for precision in heads}
+    for run in variants.values():
+        run(0)
+    times = interleaved(variants, s.reps, device)
+    rates = {p: s.up_batch * s.up_steps / float(np.median(t)) for p, t in times.items()}
+    return {"images_per_s": rates, "bf16_speedup": rates["bf16"] / rates["fp32"], "seconds": times,
+            "batch": s.up_batch, "steps": s.up_steps}
+
+
+def measure_gpu(bench: Bench) -> list[Metric]:
+    """The GPU rows: P1 with the stores resident on the GPU and from disk through pinned prefetch (target 1.05),
+    and the paper UP step's images/s under bf16. Without a CUDA device they are reported, unmeasured."""
+    device = bench.device
+    if torch.device(device).type != "cuda":
+        why = ("not measured: no CUDA device" if not torch.cuda.is_available() else
+               f"not measured: the bench runs on {device} (--device cuda measures it)")
+        return [Metric(key, name, None, unit, target, None, why) for key, (name, unit, target) in GPU_ROWS.items()]
+    p1, up = gpu_overhead_times(bench, device), up_step_rates(bench, device)
+    gpu = torch.cuda.get_device_name(torch.device(device))
+    what = (f"{bench.sizes.p1_reps} interleaved epochs x {p1['steps']} steps of batch {p1['batch']}, median epoch "
+            f"ratio against the same batches already on the GPU; UP width {BENCH_UP['width']} x "
+            f"{BENCH_UP['blocks']} blocks, fp32; {gpu}")
+    (name_r, unit_r, target_r), (name_d, unit_d, target_d), (name_u, unit_u, target_u) = GPU_ROWS.values()
+    return [
+        Metric("P1_gpu", name_r, p1["resident"]["median"], unit_r, target_r,
+               _check(p1["resident"]["median"], "<=", 1.05),
+               f"{what}; batches gathered from the stores held whole on the GPU "
+               f"({sum(p1['resident_bytes']) / 2**20:.0f} MiB); best-of {p1['resident']['best']:.3f}", p1),
+        Metric("P1_gpu_disk", name_d, p1["disk"]["median"], unit_d, target_d, _check(p1["disk"]["median"], "<=", 1.05),
+               f"{what}; disk mode (TensorStore reads in the prefetch thread, pinned, copied non-blocking); "
+               f"best-of {p1['disk']['best']:.3f}", p1),
+        Metric("UP_bf16", name_u, up["images_per_s"]["bf16"], unit_u, target_u, None,
+               f"paper's UP (width 256 x 4 blocks), batch {up['batch']} of 197x768 image tokens and 8-40 caption "
+               f"tokens on the GPU, fwd+bwd+AdamW; fp32 {up['images_per_s']['fp32']:,.0f} images/s, bf16 "
+               f"{up['bf16_speedup']:.2f}x of it; {gpu}", up),
+    ]
+
+
 # ---- the suite ---------------------------------------------------------------------------------------------------
 MEASUREMENTS: list[Callable[[Bench], Metric | list[Metric]]] = [
     measure_p1_tokens, measure_p1_pooled, measure_p2_extraction, measure_p3_cached_vs_uncached, measure_p4_storage,
-    measure_p5_memory, measure_p6_noop, measure_random_reads,
+    measure_p5_memory, measure_p6_noop, measure_random_reads, measure_gpu,
 ]
 
 
@@ -786,8 +908,10 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(mode: str = "full", out: Path | str = "bench.json", device: str = "auto",
-              workdir: Path | str | None = None, echo: Callable[[str], object] = print) -> dict[str, Any]:
-    """Run every measurement, print the table, write the JSON report to ``out``; return the report."""
+              workdir: Path | str | None = None, echo: Callable[[str], object] = print,
+              gpu_only: bool = False) -> dict[str, Any]:
+    """Run every measurement (``gpu_only``: the GPU rows alone), print the table, write the JSON report to
+    ``out``; return the report."""
     sizes = SIZES[mode]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     root = Path(tempfile.mkdtemp(prefix="oneencoder-bench-", dir=workdir))
@@ -799,13 +923,14 @@ def run_bench(mode: str = "full", out: Path | str = "bench.json", device: str = 
     metrics: list[Metric] = []
     try:
         bench = Bench(root, sizes, device)
-        for measure in MEASUREMENTS:
+        for measure in [measure_gpu] if gpu_only else MEASUREMENTS:
             began = time.perf_counter()
             result = measure(bench)
             for metric in result if isinstance(result, list) else [result]:
                 metric.details["measure_seconds"] = round(time.perf_counter() - began, 1)
                 metrics.append(metric)
-                echo(f"  {metric.key}: {metric.value:.4g} {metric.unit} ({time.perf_counter() - began:.0f}s)")
+                value = "not measured" if metric.value is None else f"{metric.value:.4g} {metric.unit}"
+                echo(f"  {metric.key}: {value} ({time.perf_counter() - began:.0f}s)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
         for key, value in saved_env.items():
