@@ -5,6 +5,7 @@ marked ``cuda`` run where a GPU is present (pipeline/tools/gpu_check.sh)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from toy_stores import make_toy_pair
+from toy_stores import make_toy_modality, make_toy_pair
 
-from pipeline.training.fit import TrainConfig, TrainingError, fit_up
+from pipeline.training.fit import TrainConfig, TrainingError, fit_al, fit_up
 from pipeline.training.prefetch import token_batch
 from pipeline.training.resident import ResidentStore, check_fits
 from pipeline.training.rundir import RunDir
@@ -158,3 +159,20 @@ def test_cuda_fit_up_trains_under_each_precision_and_store_device(tmp_path, prec
     metrics = RunDir(run).metrics()
     assert all(np.isfinite(m["loss"]) for m in metrics)
     assert max(m["val"]["image->text"]["R@1"] for m in metrics) >= 0.5  # chance: 1/15
+
+
+def test_fit_al_takes_both_options_and_resident_stores_give_the_disk_paths_weights(tmp_path, one_thread):
+    image_store, text_store = make_toy_pair(tmp_path, n_images=30)
+    audio = make_toy_modality(tmp_path, "audio", n_images=30)
+    base = tmp_path / "base"
+    fit_up(image_store, text_store, base, **SMALL, progress=False, train=TrainConfig(epochs=1, batch_size=8))
+    runs = {}
+    for name, options in (("disk", {}), ("resident", {"store_device": "cpu"}),
+                          ("bf16", {"store_device": "cpu", "precision": "bf16"})):
+        runs[name] = shutil.copytree(base, tmp_path / name)
+        fit_al(runs[name], "audio", audio, "text", text_store, progress=False,
+               train=TrainConfig(epochs=2, batch_size=8, **options))
+    assert _weights(runs["disk"]) == _weights(runs["resident"]) != _weights(runs["bf16"])
+    stage = json.loads((runs["bf16"] / "config.json").read_text())["stages"][-1]
+    assert stage["name"] == "fit-al:audio" and stage["train"]["precision"] == "bf16"
+    assert all(np.isfinite(m["loss"]) for m in RunDir(runs["bf16"]).metrics())
