@@ -130,7 +130,7 @@ def check_resume(run: RunDir, before: dict[str, Any], asked: dict[str, Any]) -> 
                  if k not in RESUME_MAY_CHANGE and k in before and v is not None and v != before[k]]
     if conflicts:
         raise RunError(f"cannot resume {run.path}: " + "; ".join(conflicts)
-                       + " (--resume continues the recorded configuration; only --epochs and --device may change)")
+                       + " (--resume continues the recorded configuration; only --epochs, --device and --store-device may change)")
 
 
 def record_selection(config: dict, stage_name: str, summary: dict) -> None:
