@@ -15,12 +15,14 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: object) -> subprocess.CompletedProcess:
-    """Run ``cli.py`` in a subprocess; one intra-op thread (tiny tensors, shared cores) and a failure shows output."""
+def run_cli(*args: object, ok: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``cli.py`` in a subprocess; one intra-op thread (tiny tensors, shared cores). ``ok``: a non-zero exit
+    fails the test, with the command's output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env=env)
-    assert result.returncode == 0, f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+                            timeout=timeout, env=env)
+    if ok and result.returncode != 0:
+        raise AssertionError(f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
 
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import first_codec, gray_frame, sine, write_audio_file, write_video_file
+from conftest import first_codec, gray_frame, run_cli, sine, write_audio_file, write_video_file
 from PIL import Image
 
 from extract.adapters import (
@@ -36,15 +34,7 @@ from extract.adapters import (
 )
 from extract.manifest import read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: object, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
-    if ok and result.returncode != 0:
-        raise AssertionError(f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+cli = run_cli
 
 
 def _wav(path: Path, freq: float = 440.0) -> Path:

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from pipeline.demo import make_shapes_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    if ok and result.returncode != 0:
-        raise AssertionError(f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+cli = run_cli
 
 
 @pytest.fixture(scope="module")

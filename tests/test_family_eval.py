@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from toy_stores import make_toy_pair
 
@@ -36,17 +34,7 @@ from pipeline.training.fit import LossConfig, TrainConfig, fit_up
 from pipeline.training.rundir import RunDir, RunError
 from stores import FeatureStore, StoreWriter
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    # One intra-op thread: the toy tensors are tiny and a second thread only spin-waits on a shared machine.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=env)
-    if ok and result.returncode != 0:
-        raise AssertionError(f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+cli = run_cli
 
 
 def write_store(path: Path, modality: str, rows, ids: list[str], *, labels: list | None = None,

@@ -9,16 +9,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from safetensors.torch import load_file
 from toy_stores import _write, make_toy_pair
@@ -41,16 +39,7 @@ from pipeline.training.rundir import RunDir, RunError
 from project.classifier import EmbeddingClassifier
 from stores import FeatureStore
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: a second thread only spin-waits
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=env)
-    if ok and result.returncode != 0:
-        raise AssertionError(f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+cli = run_cli
 
 
 @pytest.fixture(scope="module")

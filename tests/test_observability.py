@@ -7,13 +7,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,15 +26,7 @@ from pipeline.training.rundir import RunDir
 from stores import FeatureStore
 from tests.toy_stores import make_toy_modality, make_toy_pair
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
-    if ok and result.returncode != 0:
-        raise AssertionError(f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+cli = run_cli
 
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from stores import FeatureStore, StoreError, StoreMismatchError, StoreWriter
 from stores.interop import export_store, import_hdf5
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: object, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
-    if ok and result.returncode != 0:
-        raise AssertionError(f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+cli = run_cli
 
 
 def _store(path: Path, layout: str, dtype: str, n: int = 11, dim: int = 5, seed: int = 0) -> Path:

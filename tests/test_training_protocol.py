@@ -5,15 +5,13 @@ freeze-align's CLS branch is reachable, and every trainer keeps the weights of i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from toy_stores import _write, make_toy_modality, make_toy_pair
 
 from stores import FeatureStore
@@ -21,13 +19,7 @@ from stores import FeatureStore
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: object, ok: bool = True) -> subprocess.CompletedProcess:
-    # One intra-op thread: the tensors are tiny and the cores are shared (see the one_thread fixture).
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if ok and result.returncode != 0:
-        raise AssertionError(f"cli {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+cli = run_cli
 
 
 def config(run: Path) -> dict:
