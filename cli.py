@@ -138,7 +138,7 @@ def main(quiet: bool, verbose: int) -> None:
 @click.option("--layer", default=-1, show_default=True, help="-1: the model's final output; else hidden_states[N]")
 @click.option("--max-tokens", type=int, default=None, help="text truncation (default: the tokenizer's, at most 512)")
 @click.option("--workers", default="auto", show_default=True,
-              help="DataLoader worker processes that decode and preprocess; auto = half the cores, at most 8")
+              help="DataLoader worker processes that decode and preprocess; auto = half the cores (at most 8) on a CPU, all but one (at most 16) on a GPU")
 @click.option("--shard-mb", default=64.0, show_default=True, help="target shard size")
 @click.option("--commit-seconds", default=60.0, show_default=True,
               help="make what was encoded since the last shard durable at least this often (a killed run resumes "
@@ -184,7 +184,7 @@ def extract(modality, encoder_spec, manifest, inputs, path_column, text_column, 
     elif path_column or text_column or id_column or inputs_dir:
         raise click.UsageError("--path-column, --text-column, --id-column and --inputs-dir go with --inputs")
     if workers == "auto":
-        workers = default_workers()
+        workers = default_workers(device)
     elif not str(workers).isdigit():
         raise click.BadParameter(f"{workers!r} is not a number of workers or 'auto'", param_hint="--workers")
     # Under torchrun every rank writes part of the one store (docs/store-format.md, "Distributed extraction").

@@ -117,10 +117,16 @@ def recorded_spec(spec: str) -> str:
     return spec
 
 
-def default_workers() -> int:
-    """Decoding workers for ``--workers auto``: half the cores (at most 8) so decoding overlaps the forward pass
-    without starving the encoder's own threads on a CPU-only machine (docs/benchmarks.md, P2)."""
-    return min(8, max(1, (os.cpu_count() or 2) // 2))
+def default_workers(device: str = "cpu") -> int:
+    """Decoding workers for ``--workers auto``. On a CPU, half the cores (at most 8), so decoding overlaps the
+    forward pass without starving the encoder's own threads (docs/benchmarks.md, P2). On a GPU the forward needs
+    no CPU threads, so decoding gets every core but one of this process's share of the node (at most 16): decoding
+    is then what keeps the GPU fed."""
+    cores = os.cpu_count() or 2
+    if torch.device(device).type == "cuda":
+        per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return min(16, max(1, per_process - 1))
+    return min(8, max(1, cores // 2))
 
 
 def _check_args(modality: str, dtype: str, keep: str, pool: str, on_error: str, batch_size: int, workers: int) -> None:

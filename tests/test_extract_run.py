@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from extract.run import (
     ExtractionOptionsError,
     ExtractionPlan,
     ExtractionSpec,
+    default_workers,
     identify,
     plan,
     read_items,
@@ -292,3 +294,13 @@ def test_plan_decides_status_resume_row_and_batch_size_once(tiny_text_model: str
     assert decided == ExtractionPlan("incomplete", 2, start=kept // 2 * 2)
     assert run_spec(resumed).status == "written"
     assert plan(resumed, read_items(resumed), identify(resumed)).status == "complete"
+
+
+def test_auto_workers_feed_a_gpu_with_the_cores_a_cpu_run_leaves_to_the_encoder(monkeypatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert (default_workers("cpu"), default_workers("cuda"), default_workers("cuda:1")) == (8, 15, 15)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks on the node share its cores
+    assert (default_workers("cpu"), default_workers("cuda")) == (8, 3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert (default_workers("cpu"), default_workers("cuda")) == (1, 1)

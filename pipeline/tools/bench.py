@@ -510,7 +510,7 @@ def measure_p2_extraction(bench: Bench) -> Metric:
             for batch in batches:
                 encoder.forward(batch)
 
-    workers = default_workers()  # what `cli.py extract` uses unless told otherwise
+    workers = default_workers(device)  # what `cli.py extract` uses unless told otherwise
 
     def end_to_end() -> None:
         run_extraction(manifest, "image", vit, store, batch_size=s.p2_batch, device=device, progress=False,
