@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.tools.bench import SIZES, best_total, format_table, interleaved, median_ratio, ratios
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = {"P1a", "P1a_disk", "P1a_cold", "P1b", "P1b_disk", "P2", "P3", "P3_small", "P4", "P5", "P6", "read"}
+METRICS = {"P1a", "P1a_disk", "P1a_cold", "P1b", "P1b_disk", "P2", "P3", "P3_small", "P4", "P5", "P6", "read", "P8"}
 
 
 def test_quick_bench_reports_every_metric(tmp_path):

@@ -29,13 +29,13 @@ from pipeline.evaluation.evaluate import evaluate_retrieval
 from pipeline.evaluation.metrics import topk_accuracy
 from pipeline.evaluation.probe import ProbeError, fine_tune, linear_probe
 from pipeline.evaluation.report import (
-    PALETTE,
     ReportError,
     compare_runs,
     recall_chance,
     run_label,
     validation_series,
 )
+from pipeline.rendering.plots import PALETTE
 from pipeline.training.fit import LossConfig, TrainConfig, fit_up
 from pipeline.training.rundir import RunDir, RunError
 from project.classifier import EmbeddingClassifier

@@ -3,7 +3,8 @@
 Everything comes from what the runs already hold (``config.json``, ``metrics.jsonl``, ``eval/*.json`` written by
 ``eval retrieval``, ``eval zero-shot``, ``eval linear-probe`` and ``eval fine-tune``); nothing is recomputed.
 One row per run, labelled from its config (head, fusion, width, blocks, loss, training settings, the modalities
-added with fit-al); then one table per task and **evaluation set**, one column per metric:
+added with fit-al), with the epoch its first stage kept and that epoch's validation R@1 (a ``fit-up --sweep``
+folder stands for its runs); then one table per task and **evaluation set**, one column per metric:
 
 - retrieval (``retrieval-A-B--STORE-KEY--STORE-KEY.json``): R@1, R@5, R@10 of each direction (``image->text R@1``);
 - zero-shot (``zero-shot--STORE-KEY--PROMPTS-CLASSES.json``): top-1 accuracy;
