@@ -568,6 +568,9 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
                    "(docs/training.md); --no-pooled-skip is the paper's UP")
 @click.option("--dropout", default=0.1, show_default=True, help="UP / DFE dropout")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
+@click.option("--sweep", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="GRID.json: train its configurations as one job reading each batch once, one run per "
+                   "configuration under --out (README, 'Sweeps')")
 @train_options(epochs=30, batch_size=128, lr_schedule="cosine", select="mean-rank")
 @loss_options
 @preset_option("fit-up")
@@ -588,7 +591,17 @@ def fit_up(**options) -> None:
     cls_token = {"auto": None, "yes": True, "no": False}[o.pop("cls_token")]
     pooled_skip, head_options = o.pop("pooled_skip"), {"dropout": o.pop("dropout")}
     o.pop("preset", None)
+    sweep = o.pop("sweep")
     with session(o.pop("device")) as device:  # joins torchrun's group when launched by it
+        if sweep is not None:
+            from pipeline.training.sweep import fit_up_sweep, read_grid
+
+            result = fit_up_sweep(given.pop("image_store"), given.pop("text_store"), given.pop("out"),
+                                  read_grid(sweep), **given, cls_token=cls_token, pooled_skip=pooled_skip,
+                                  head_options=head_options, loss=loss, preset=preset,
+                                  train=_train_config(**o, device=device))
+            click.echo("\n".join(f"run written to {r['run']}" for r in result["runs"]))
+            return
         summary = run_fit_up(given.pop("image_store"), given.pop("text_store"), given.pop("out"), **given,
                              cls_token=cls_token, pooled_skip=pooled_skip, head_options=head_options, loss=loss,
                              preset=preset, train=_train_config(**o, device=device))

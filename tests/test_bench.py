@@ -13,7 +13,7 @@ from pipeline.tools.bench import SIZES, best_total, format_table, interleaved, m
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"P1a", "P1a_disk", "P1a_cold", "P1b", "P1b_disk", "P2", "P3", "P3_small", "P4", "P5", "P6", "read",
-           "P1_gpu", "P1_gpu_disk", "UP_bf16"}
+           "P1_gpu", "P1_gpu_disk", "UP_bf16", "P8"}
 GPU_METRICS = {"P1_gpu", "P1_gpu_disk", "UP_bf16"}  # measured on a CUDA device, else reported unmeasured
 
 

@@ -3,7 +3,8 @@
 Everything comes from what the runs already hold (``config.json``, ``metrics.jsonl``, ``eval/*.json`` written by
 ``eval retrieval``, ``eval zero-shot``, ``eval linear-probe`` and ``eval fine-tune``); nothing is recomputed.
 One row per run, labelled from its config (head, fusion, width, blocks, loss, training settings, the modalities
-added with fit-al); then one table per task and **evaluation set**, one column per metric:
+added with fit-al), with the epoch its first stage kept and that epoch's validation R@1 (a ``fit-up --sweep``
+folder stands for its runs); then one table per task and **evaluation set**, one column per metric:
 
 - retrieval (``retrieval-A-B--STORE-KEY--STORE-KEY.json``): R@1, R@5, R@10 of each direction (``image->text R@1``);
 - zero-shot (``zero-shot--STORE-KEY--PROMPTS-CLASSES.json``): top-1 accuracy;
@@ -30,6 +31,7 @@ from typing import Any
 from pipeline.evaluation.evaluate import EvaluationError
 from pipeline.rendering.plots import render_bars_png, render_lines_png
 from pipeline.training.rundir import RunDir
+from pipeline.training.sweep import sweep_runs
 from stores import atomic_write_text
 
 TASKS = ("retrieval", "zero-shot", "linear-probe", "fine-tune")
@@ -58,7 +60,7 @@ def run_label(config: dict) -> str:
         parts.append(str(loss.get("kind", "?")) + (f" mix {loss['target_mix']}" if loss.get("target_mix") else ""))
     stages = config.get("stages") or [{}]
     train = stages[0].get("train", {})
-    for key, fmt in (("epochs", "{} ep"), ("batch_size", "bs {}"), ("lr", "lr {}")):
+    for key, fmt in (("epochs", "{} ep"), ("batch_size", "bs {}"), ("lr", "lr {}"), ("seed", "seed {}")):
         if key in train:
             parts.append(fmt.format(train[key]))
     for name, record in config.get("modalities", {}).items():
@@ -128,6 +130,10 @@ def collect_run(run_dir: Path | str) -> dict:
         evaluations.append({**evaluation, "source": str(path)})
     history = run.metrics()
     last = history[-1] if history else {}
+    first_stage = (config.get("stages") or [{}])[0]
+    selection = first_stage.get("selection") or {}
+    kept = next((r for r in history if r.get("stage") == first_stage.get("name")
+                 and r.get("epoch") == selection.get("epoch")), {})
     return {
         "run": str(run.path),
         "name": run.path.name,
@@ -137,6 +143,10 @@ def collect_run(run_dir: Path | str) -> dict:
         "epochs_trained": len(history),
         "final_loss": last.get("loss"),
         "final_temperature": last.get("temperature"),
+        # The epoch the first stage kept and its validation R@1 per direction: how a sweep's runs compare before
+        # any evaluation is run.
+        "kept_epoch": selection.get("epoch"),
+        "kept_val_r1": {d: m["R@1"] for d, m in (kept.get("val") or {}).items() if isinstance(m, dict)},
         "evaluations": evaluations,
         "skipped": skipped,
         "curves": {"stage": [r.get("stage") for r in history], "loss": [r.get("loss") for r in history],
@@ -190,11 +200,13 @@ def report_markdown(report: dict) -> str:
     """The comparison as Markdown: one table of runs, then one table per task and evaluation set (rows = runs, each
     naming the stores and identity keys its figures came from; columns = metrics)."""
     rows = report["runs"]
-    lines = ["# Runs side by side", "", "| # | run | label | modalities | epochs | final loss | temperature |",
-             "| ---: | --- | --- | --- | ---: | ---: | ---: |"]
+    lines = ["# Runs side by side", "", "| # | run | label | modalities | epochs | final loss | temperature | "
+             "kept epoch | val R@1 at kept epoch |", "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for i, r in enumerate(rows, 1):
+        val = ", ".join(f"{d} {v:.3f}" for d, v in r.get("kept_val_r1", {}).items()) or "-"
         lines.append(f"| {i} | {r['name']} | {r['label']} | {', '.join(r['modalities'])} | {r['epochs_trained']} | "
-                     f"{_fmt(r['final_loss'])} | {_fmt(r['final_temperature'])} |")
+                     f"{_fmt(r['final_loss'])} | {_fmt(r['final_temperature'])} | {_fmt(r.get('kept_epoch'))} | "
+                     f"{val} |")
     for table in report["tables"]:
         columns = table["columns"]
         lines += ["", f"## {table['title']}", "", _set_description(table), "",
@@ -215,7 +227,8 @@ def report_markdown(report: dict) -> str:
 
 
 def compare_runs(run_dirs: Sequence[Path | str], out: Path | str) -> dict:
-    """Put ``run_dirs`` side by side; write ``report.md``, ``report.json`` and the PNG plots into ``out``."""
+    """Put ``run_dirs`` side by side (a ``fit-up --sweep`` folder stands for its runs); write ``report.md``, ``report.json`` and the PNG plots into ``out``."""
+    run_dirs = [run for folder in run_dirs for run in (sweep_runs(folder) or [folder])]  # a sweep: its runs
     if not run_dirs:
         raise ReportError("give at least one run directory")
     resolved = [Path(r).resolve() for r in run_dirs]

@@ -72,15 +72,16 @@ class Sizes:
     read_batches: int  # batches of 256 per timed call
     up_batch: int  # the GPU rows' paper-UP step: batch (fit-up's default in full)
     up_steps: int  # and its timed steps per round
+    p8_epochs: int  # epochs of each P8 run (stores and batch of P1a)
 
 
 SIZES = {
     "full": Sizes("full", reps=6, p1_reps=12, p1_images=256, p1_batch=64, p1_pooled_images=8192, p1_pooled_batch=256,
                   vit_layers=12, p2_images=128, p2_batch=32, p3_steps=3, p4_captions=10_000, p5_items=448,
-                  p6_items=10_000, read_items=2048, read_batches=4, up_batch=128, up_steps=10),
+                  p6_items=10_000, read_items=2048, read_batches=4, up_batch=128, up_steps=10, p8_epochs=2),
     "quick": Sizes("quick", reps=2, p1_reps=2, p1_images=16, p1_batch=8, p1_pooled_images=1024, p1_pooled_batch=256,
                    vit_layers=2, p2_images=32, p2_batch=16, p3_steps=1, p4_captions=1000, p5_items=32,
-                   p6_items=1000, read_items=256, read_batches=1, up_batch=4, up_steps=1),
+                   p6_items=1000, read_items=256, read_batches=1, up_batch=4, up_steps=1, p8_epochs=1),
 }
 
 
@@ -445,9 +446,8 @@ def _cold_metric(key: str, label: str, times: dict[str, list[float]], evicted: l
                    "evicted_bytes": size, "eviction_skipped": skipped, "seconds": times})
 
 
-def p1_token_stores(bench: Bench) -> tuple[Path, Path]:
+def token_stores(bench: Bench) -> tuple[Path, Path]:
     """P1a's stores: fixed 197x768 fp16 image tokens + ragged 768-wide caption tokens (2 captions per image)."""
-
     def build() -> tuple[Path, Path]:
         n = bench.sizes.p1_images
         root = bench.root / "p1-tokens"
@@ -458,12 +458,12 @@ def p1_token_stores(bench: Bench) -> tuple[Path, Path]:
                                                  for i in range(2 * n)])
         return image, text
 
-    return bench.once("p1-token-stores", build)
+    return bench.once("token_stores", build)
 
 
 def measure_p1_tokens(bench: Bench) -> list[Metric]:
-    """P1a: the tokens stores of :func:`p1_token_stores`; P1a_cold the disk mode from a cold page cache."""
-    image, text = p1_token_stores(bench)
+    """P1a: the token stores (:func:`token_stores`); P1a_cold the disk mode from a cold page cache."""
+    image, text = token_stores(bench)
     return _training_overhead(bench, image, text, bench.sizes.p1_batch, "tokens", ("P1a", "P1a_disk"),
                               cold_key="P1a_cold")
 
@@ -478,6 +478,47 @@ def measure_p1_pooled(bench: Bench) -> list[Metric]:
                               metas=[{"id": f"im{i // 2}-c{i % 2}", "ref": f"im{i // 2}"} for i in range(2 * n)])
     return _training_overhead(bench, image, text, bench.sizes.p1_pooled_batch, "pooled", ("P1b", "P1b_disk"),
                               disk_targeted=False)
+
+
+# ---- P8 ----------------------------------------------------------------------------------------------------------
+# P8's four configurations of the P1 head: one seed, so the sweep trains them together on batches read once.
+P8_GRID = {"lr": [1e-3, 5e-4], "fusion": ["add", "attention"]}
+
+
+def measure_p8_sweep(bench: Bench) -> Metric:
+    """P8: ``fit-up --sweep`` of four configurations (:data:`P8_GRID`) / four separate ``fit_up`` runs of the same
+    configurations, on P1a's token stores, each variant the whole job (stores opened, pairs, training, validation,
+    the run directories written), interleaved round by round."""
+    from pipeline.training.fit import TrainConfig, fit_up
+    from pipeline.training.sweep import configured, fit_up_sweep, grid_configurations
+
+    image, text = token_stores(bench)
+    sizes, root = bench.sizes, bench.root / "p8"
+    configurations = grid_configurations(P8_GRID)
+    shared = {"width": BENCH_UP["width"], "blocks": BENCH_UP["blocks"],
+              "train": TrainConfig(epochs=sizes.p8_epochs, batch_size=sizes.p1_batch, lr_schedule="cosine",
+                                   select="mean-rank", device=bench.device, tensorboard=False)}
+
+    def sweep(r: int) -> None:
+        fit_up_sweep(image, text, root / f"sweep-{r}", configurations, progress=False, **shared)
+
+    def separate(r: int) -> None:
+        for k, options in enumerate(configurations):
+            fit_up(image, text, root / f"separate-{r}-{k}", progress=False, **configured(options, shared))
+
+    variants = {"sweep of 4": sweep, "4 separate runs": separate}
+    for name, variant in variants.items():  # warm-up: allocator, kernels, page cache
+        variant(-1 if name.startswith("sweep") else -2)
+    times = interleaved(variants, sizes.reps, bench.device)
+    shutil.rmtree(root, ignore_errors=True)
+    ratio = ratios(times["sweep of 4"], times["4 separate runs"])
+    notes = (f"{sizes.reps} interleaved rounds, median ratio; 4 configurations ({', '.join(P8_GRID)} of "
+             f"{P8_GRID}), UP width {BENCH_UP['width']} x {BENCH_UP['blocks']} blocks, {sizes.p8_epochs} epoch(s) of "
+             f"batch {sizes.p1_batch} on P1a's stores (RAM mode, fit-up's default at this size); median sweep "
+             f"{np.median(times['sweep of 4']):.1f}s; best-of {ratio['best']:.3f}")
+    return Metric("P8", "sweep of 4 / 4 separate fit-up runs", ratio["median"], "x", "<= 0.8",
+                  _check(ratio["median"], "<=", 0.8), notes,
+                  {"seconds": times, "ratios": ratio, "grid": P8_GRID, "epochs": sizes.p8_epochs})
 
 
 # ---- P2 ----------------------------------------------------------------------------------------------------------
@@ -789,7 +830,7 @@ def gpu_overhead_times(bench: Bench, device: str) -> dict[str, Any]:
     from pipeline.training.resident import ResidentStore
     from stores import FeatureStore
 
-    image_path, text_path = p1_token_stores(bench)
+    image_path, text_path = token_stores(bench)
     stores = FeatureStore.open(image_path), FeatureStore.open(text_path)
     on_disk = FeatureStore.open(image_path, ram_budget_gb=0), FeatureStore.open(text_path, ram_budget_gb=0)
     batches = _epoch_batches(*stores, bench.sizes.p1_batch)
@@ -881,7 +922,7 @@ def measure_gpu(bench: Bench) -> list[Metric]:
 # ---- the suite ---------------------------------------------------------------------------------------------------
 MEASUREMENTS: list[Callable[[Bench], Metric | list[Metric]]] = [
     measure_p1_tokens, measure_p1_pooled, measure_p2_extraction, measure_p3_cached_vs_uncached, measure_p4_storage,
-    measure_p5_memory, measure_p6_noop, measure_random_reads, measure_gpu,
+    measure_p5_memory, measure_p6_noop, measure_random_reads, measure_p8_sweep, measure_gpu,
 ]
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from pipeline.training.loop import (
     LR_SCHEDULES,
     SELECTIONS,
     BestEpoch,
+    RandomState,
     TrainConfig,
     TrainingError,
     add_selection_scores,
@@ -363,6 +365,72 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
 
     ``on_epoch(epoch, model)``: extra numbers recorded under ``monitor`` in the epoch's metrics (e.g. recall on a
     held-out set, for studying model selection); it never influences training or selection."""
+    trainee = prepare_stage(run, model, loss_fn, stage, resume, on_epoch)
+    if isinstance(trainee, dict):
+        return trainee
+    return train_together([trainee], progress)[0]
+
+
+@dataclass
+class Trainee:
+    """One model the fit loop trains: its run, stage, step, kept epoch and its own global random state, swapped in
+    around everything it does (:class:`RandomState`), so that models trained side by side on the same batches
+    (``fit-up --sweep``) draw the dropout masks each would draw alone."""
+
+    run: RunDir
+    model: nn.Module
+    stage: Stage
+    step: FitStep
+    train_pairs: Pairs
+    val_pairs: Pairs
+    steps_per_epoch: int
+    start_epoch: int
+    best: BestEpoch
+    train_modes: Callable[[], None]
+    mix_after_warmup: float
+    random_state: RandomState
+    on_epoch: Callable[[int, nn.Module], dict] | None = None
+    label: str | None = None  # prefix of its epoch lines when several train together
+    summary: dict = field(default_factory=dict)
+
+    def begin_epoch(self, epoch: int) -> None:
+        cfg, loss_fn = self.stage.train, self.step.loss_fn
+        with self.random_state:
+            self.train_modes()
+            loss_fn.target_mix = 1.0 if epoch <= cfg.warmup_epochs else self.mix_after_warmup
+            if distributed.is_distributed():
+                # Each rank draws its own dropout masks (same seeds would repeat one mask across ranks), reproducibly.
+                torch.manual_seed(epoch_seed(cfg.seed, epoch) * 65_537 + distributed.rank())
+
+    def train_step(self, batch: tuple, where: str) -> tuple[float, int]:
+        with self.random_state:
+            return self.step.on_pair_batch(batch, where)
+
+    def end_epoch(self, epoch: int, loss: float, started: float, progress: bool) -> None:
+        """Validate, record and keep (or not) the epoch's weights; print its line."""
+        main, loss_fn = distributed.is_main(), self.step.loss_fn
+        with self.random_state:
+            val, nonfinite = _validate(self.model, self.stage, self.val_pairs) if main else ({}, [])  # rank 0 writes
+            record = {
+                "stage": self.stage.name, "epoch": epoch, "loss": loss, "temperature": loss_fn.temperature,
+                "target_mix": loss_fn.target_mix, "steps": self.steps_per_epoch, "seconds": seconds_since(started),
+                "lr": self.step.optimizer.param_groups[0]["lr"], "val": val,
+            }
+            if nonfinite:
+                record["val_nonfinite_ids"] = nonfinite[:20]
+            if self.on_epoch is not None and main:
+                record["monitor"] = self.on_epoch(epoch, self.model)
+            _close_epoch(self.run, self.model, self.step, self.stage, record, self.best)
+        if progress and main:
+            print((f"{self.label}: " if self.label else "") + _epoch_line(record), flush=True)
+        self.summary = {**record, "selected_epoch": self.best.epoch, "selected_score": self.best.score}
+
+
+def prepare_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: Stage, resume: bool,
+                  on_epoch: Callable[[int, nn.Module], dict] | None = None, label: str | None = None) -> Trainee | dict:
+    """Everything before ``stage``'s first epoch (pairs, optimiser, schedule, resume point), or the closing summary
+    of a resumed stage that had already finished. Its random state is the global one as it stands (after the
+    caller's seeding and building, or the resumed checkpoint's)."""
     cfg = stage.train
     _check_schedule(cfg)
     return_freed_memory_to_the_os()
@@ -372,15 +440,12 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     model.to(cfg.device)
     loss_fn.to(cfg.device)
     optimizer = build_optimizer(_trainable_parameters(model, loss_fn, stage.trainable), cfg)
-    mix_after_warmup = loss_fn.target_mix
     steps_per_epoch = epoch_steps(train_pairs, cfg.batch_size, cfg.sampling)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     scaler = grad_scaler(cfg.precision, cfg.device)
     start_epoch, best = _resume_point(run, stage, model, loss_fn, optimizer, scheduler, resume, scaler)
     if start_epoch > cfg.epochs:
         return {"stage": stage.name, "epochs": cfg.epochs, "resumed_finished_run": True}
-
-    train_modes = _train_modes(model, stage.trainable)
     # Under torchrun each rank reads and embeds only its contiguous slice of every global batch; the embeddings are
     # gathered with gradients, so the loss (and its gradient) is that of the whole global batch (pipeline/distributed).
     step = FitStep(distributed.pair_encoder(model, stage.anchor, stage.partner, cfg.device), loss_fn, optimizer,
@@ -389,38 +454,43 @@ def run_stage(run: RunDir, model: nn.Module, loss_fn: ContrastiveLoss, stage: St
     holder = store_device_for(cfg.store_device, cfg.device)
     if holder is not None:
         check_fits([stage.anchor_store, stage.partner_store], holder)
-    fetch = _rank_fetcher(stage, pin=torch.device(cfg.device).type == "cuda", holder=holder)
+    return Trainee(run, model, stage, step, train_pairs, val_pairs, steps_per_epoch, start_epoch, best,
+                   _train_modes(model, stage.trainable), loss_fn.target_mix, RandomState(cfg.device), on_epoch, label)
+
+
+def train_together(trainees: list[Trainee], progress: bool = True) -> list[dict]:
+    """Train ``trainees`` epoch by epoch on the same batches, each batch read from the stores once and given to
+    each in turn; returns their closing summaries. They must draw the same batches: the same stores, seed,
+    validation split, batch size and sampling (one model: fit-up or fit-al; several: ``fit-up --sweep``)."""
+    lead = trainees[0]
+    cfg = lead.stage.train
+    fetch = _rank_fetcher(lead.stage, pin=torch.device(cfg.device).type == "cuda",
+                          holder=store_device_for(cfg.store_device, cfg.device))
     main = distributed.is_main()
-    summary: dict = {}
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    first = min(t.start_epoch for t in trainees)
+    for epoch in range(first, max(t.stage.train.epochs for t in trainees) + 1):
+        active = [t for t in trainees if t.start_epoch <= epoch <= t.stage.train.epochs]
         started = time.perf_counter()
-        train_modes()
-        loss_fn.target_mix = 1.0 if epoch <= cfg.warmup_epochs else mix_after_warmup
+        for trainee in active:
+            trainee.begin_epoch(epoch)
         generator = epoch_generator(cfg.seed, epoch)  # same batches after a resume
-        if distributed.is_distributed():
-            # Each rank draws its own dropout masks (same seeds would repeat one mask across ranks), reproducibly.
-            torch.manual_seed(epoch_seed(cfg.seed, epoch) * 65_537 + distributed.rank())
-        batches = epoch_batches(train_pairs, cfg.batch_size, generator, cfg.sampling)
-        steps = progress_bar(prefetched(batches, fetch), total=steps_per_epoch, desc=f"[{stage.name}] epoch {epoch}",
-                             unit="step", enabled=progress and main, leave=False)  # only on a terminal
-        loss = train_epoch(steps, step.on_pair_batch, f"at epoch {epoch}")
-        val, nonfinite = _validate(model, stage, val_pairs) if main else ({}, [])  # rank 0 writes the run
-        record = {
-            "stage": stage.name, "epoch": epoch, "loss": loss, "temperature": loss_fn.temperature,
-            "target_mix": loss_fn.target_mix, "steps": steps_per_epoch, "seconds": seconds_since(started),
-            "lr": optimizer.param_groups[0]["lr"], "val": val,
-        }
-        if nonfinite:
-            record["val_nonfinite_ids"] = nonfinite[:20]
-        if on_epoch is not None and main:
-            record["monitor"] = on_epoch(epoch, model)
-        _close_epoch(run, model, step, stage, record, best)
-        if progress and main:
-            print(_epoch_line(record), flush=True)
-        summary = {**record, "selected_epoch": best.epoch, "selected_score": best.score}
-    loss_fn.target_mix = mix_after_warmup
+        batches = epoch_batches(lead.train_pairs, cfg.batch_size, generator, cfg.sampling)
+        steps = progress_bar(prefetched(batches, fetch), total=lead.steps_per_epoch,
+                             desc=f"[{lead.stage.name}] epoch {epoch}", unit="step", enabled=progress and main,
+                             leave=False)  # only on a terminal
+        losses = train_epoch(steps, partial(_train_steps, active), f"at epoch {epoch}")
+        for trainee, loss in zip(active, losses, strict=True):
+            trainee.end_epoch(epoch, float(loss), started, progress)
+    for trainee in trainees:
+        trainee.step.loss_fn.target_mix = trainee.mix_after_warmup
     distributed.barrier()  # the run directory is complete (rank 0's last checkpoint) before any rank returns
-    return summary
+    return [t.summary for t in trainees]
+
+
+def _train_steps(trainees: list[Trainee], batch: tuple, where: str) -> tuple[np.ndarray, int]:
+    """One batch, trained on by each of ``trainees`` in turn: their losses and the batch size."""
+    results = [t.train_step(batch, where) for t in trainees]
+    return np.array([value for value, _ in results], dtype=np.float64), results[0][1]
 
 
 def _close_epoch(run: RunDir, model: nn.Module, step: FitStep, stage: Stage, record: dict, best: BestEpoch) -> None:
@@ -493,12 +563,33 @@ def fit_up(
     ``--preset`` the options came from (:func:`pipeline.training.presets.resolve_options`), kept with the stage.
     ``resume`` continues the run with its recorded configuration: options that differ from it are refused
     (:func:`check_resume`), except ``train.epochs`` (train longer) and where it runs."""
-    from extract.encoders import image_tokens_start_with_cls
+    images, texts = open_fit_up_stores(image_store, text_store)
+    run, model, loss_fn, stage = setup_fit_up(images, texts, out, head=head, width=width, blocks=blocks,
+                                              fusion=fusion, cls_token=cls_token, pooled_skip=pooled_skip, loss=loss,
+                                              train=train, head_options=head_options, preset=preset, resume=resume,
+                                              overwrite=overwrite)
+    summary = run_stage(run, model, loss_fn, stage, resume=resume, progress=progress, on_epoch=on_epoch)
+    return close_fit_up(run, summary)
 
+
+def open_fit_up_stores(image_store: Path | str, text_store: Path | str) -> tuple[FeatureStore, FeatureStore]:
+    """fit-up's image and text stores, refused when they hold another modality."""
     images, texts = FeatureStore.open(image_store), FeatureStore.open(text_store)
     for store, modality in ((images, "image"), (texts, "text")):
         if store.modality != modality:
             raise TrainingError(f"store {store.path} holds {store.modality!r} features, not {modality!r}")
+    return images, texts
+
+
+def setup_fit_up(images: FeatureStore, texts: FeatureStore, out: Path | str, *, head: str = "up", width: int = 256,
+                 blocks: int = 4, fusion: str = "add", cls_token: bool | None = None, pooled_skip: bool = True,
+                 loss: LossConfig | None = None, train: TrainConfig | None = None, head_options: dict | None = None,
+                 preset: dict | None = None, resume: bool = False,
+                 overwrite: bool = False) -> tuple[RunDir, nn.Module, ContrastiveLoss, Stage]:
+    """Everything :func:`fit_up` does before training (options as there): the checked inputs, the run directory
+    and its config, and the model built after seeding the global random state with the run's seed."""
+    from extract.encoders import image_tokens_start_with_cls
+
     train, loss = train or TrainConfig(**FIT_UP_SCHEDULE), loss or LossConfig()
     checked_pairs(images, texts, train)  # every input is checked before the run directory is touched
     _check_placement(train, [images, texts])
@@ -532,12 +623,15 @@ def fit_up(
     if distributed.is_main():
         run.write_config(config)
     torch.manual_seed(train.seed)  # before building: initial weights follow --seed
-    head, loss_fn = RunDir.build(config)
-    stage = Stage("fit-up", "image", "text", images, texts, train)
-    summary = run_stage(run, head, loss_fn, stage, resume=resume, progress=progress, on_epoch=on_epoch)
+    model, loss_fn = RunDir.build(config)
+    return run, model, loss_fn, Stage("fit-up", "image", "text", images, texts, train)
+
+
+def close_fit_up(run: RunDir, summary: dict) -> dict:
+    """Mark the run's modalities aligned and record the kept epoch; :func:`fit_up`'s result."""
     if distributed.is_main():
         config = run.read_config()
-        for name in stores:
+        for name in ("image", "text"):
             config["modalities"][name]["status"] = "aligned"
         record_selection(config, "fit-up", summary)
         run.write_config(config)

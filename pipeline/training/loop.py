@@ -155,6 +155,30 @@ def train_epoch(batches: Iterable[Batch], step: Callable[[Batch, str], tuple[flo
     return total / max(count, 1)
 
 
+class RandomState:
+    """The global random state (CPU, and the device's on CUDA) of one model being trained, swapped in around its
+    work: ``with state: ...`` runs with the model's own state and keeps where it left it. Models trained side by
+    side then draw the dropout masks each draws alone; one model alone sees no difference. Starts from the global
+    state as it stands."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
+
+    def __enter__(self) -> RandomState:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu_state = torch.get_rng_state()
+        if self.cuda:
+            self.cuda_state = torch.cuda.get_rng_state(self.device)
+
+
 # ---- choosing the kept epoch -------------------------------------------------------------------------------------
 # How every trainer (fit-up, fit-al, fit-base) chooses the weights it keeps, by TrainConfig.select; recorded with
 # each stage.
