@@ -15,8 +15,7 @@ This package writes only through the ``stores`` API; it never imports zarr.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stores import lazy_exports
 
 _EXPORTS = {
     "Item": "manifest",
@@ -56,14 +55,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'extract' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

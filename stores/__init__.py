@@ -13,11 +13,11 @@ or torch; the other rooms import these names from ``stores`` only)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stores.lazy import lazy_exports
 
 _EXPORTS = {
     "OneEncoderError": "errors",
+    "lazy_exports": "lazy",
     "StoreError": "errors",
     "StoreExistsError": "errors",
     "StoreIncompleteError": "errors",
@@ -56,14 +56,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'stores' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
