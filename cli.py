@@ -567,6 +567,9 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
               help="UP: add a linear path from the mean-pooled tokens, the UP's output gated in from 0 "
                    "(docs/training.md); --no-pooled-skip is the paper's UP")
 @click.option("--dropout", default=0.1, show_default=True, help="UP / DFE dropout")
+@click.option("--token-dropout", default=0.0, show_default=True,
+              help="UP: in training, hide each real token but the first with this probability (an augmentation of "
+                   "the cached features; docs/training.md)")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="GRID.json: train its configurations as one job reading each batch once, one run per "
@@ -589,7 +592,8 @@ def fit_up(**options) -> None:
     given = {k: o.pop(k) for k in ("image_store", "text_store", "out", "head", "width", "blocks", "fusion", "resume",
                                    "overwrite")}
     cls_token = {"auto": None, "yes": True, "no": False}[o.pop("cls_token")]
-    pooled_skip, head_options = o.pop("pooled_skip"), {"dropout": o.pop("dropout")}
+    pooled_skip = o.pop("pooled_skip")
+    head_options = {"dropout": o.pop("dropout"), "token_dropout": o.pop("token_dropout")}
     o.pop("preset", None)
     sweep = o.pop("sweep")
     with session(o.pop("device")) as device:  # joins torchrun's group when launched by it

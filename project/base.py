@@ -43,9 +43,9 @@ def normalise_modalities(
     return dims, out
 
 
-def check_dropout(dropout: float) -> None:
+def check_dropout(dropout: float, name: str = "dropout") -> None:
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout}")
 
 
 class ConfigMixin:

@@ -91,3 +91,19 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 scores = scores + key_padding_mask[:, None, None, :].to(scores.dtype)
         probs = dropout(scores.softmax(dim=-1), p, p > 0)
         return attention.out_proj((probs @ v).transpose(1, 2).reshape(batch, length, width))
+
+
+def drop_tokens(mask: Tensor, p: float, training: bool = True) -> Tensor:
+    """Token dropout: the padding mask ``[B, L]`` (True = real) with each real token but the first of every row
+    hidden with probability ``p``.
+
+    An augmentation of the cached features (as FLIP masks patches): every epoch sees another subset of each
+    item's tokens, which is what a head on a few hundred fixed feature tensors lacks. The first real token is
+    always kept, so no row is left empty and a CLS / modality token that ``pool="token"`` reads survives.
+    Eval mode returns ``mask`` unchanged."""
+    if not training or p == 0.0:
+        return mask
+    first = torch.zeros_like(mask)
+    first[torch.arange(mask.shape[0], device=mask.device), mask.to(torch.int8).argmax(dim=1)] = True
+    kept = torch.rand(mask.shape, device=mask.device) >= p
+    return mask & (kept | first)

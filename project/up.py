@@ -26,7 +26,7 @@ from project.base import (
     masked_mean,
     normalise_modalities,
 )
-from project.dropout import Dropout, TransformerEncoderLayer
+from project.dropout import Dropout, TransformerEncoderLayer, drop_tokens
 
 FUSIONS = ("add", "attention", "concat")
 POOLS = ("mean", "token")
@@ -52,9 +52,13 @@ class UPConfig(ConfigMixin):
     # A residual linear path: embedding = Linear_m(masked mean of the raw tokens) + gate * UP(...), gate starting
     # at 0, so training starts from a linear head and the UP adds what it can (docs/training.md). False: the paper.
     pooled_skip: bool = False
+    # Training-time token dropout (project.dropout.drop_tokens): each real token but the first is hidden from
+    # both paths with this probability. 0 is the paper.
+    token_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_transformer_config(self, ("width", "blocks", "heads", "ff_mult", "modality_tokens"))
+        check_dropout(self.token_dropout, "token_dropout")
 
 
 def check_transformer_config(config, positive: tuple[str, ...]) -> None:
@@ -272,6 +276,7 @@ class OneEncoder(Head):
             self.up_gate = nn.Parameter(torch.zeros(()))
 
     def _encode(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
+        mask = drop_tokens(mask, self.config.token_dropout, self.training)
         out = self.up(modality, self.adapters[modality](tokens), mask)
         if self.config.pooled_skip:
             out = self.skips[modality](masked_mean(tokens, mask)) + self.up_gate * out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from project import (
     UPConfig,
     build_head,
 )
+from project.dropout import drop_tokens
 
 D_IMG, D_TXT = 12, 7
 
@@ -354,3 +356,35 @@ def test_pooled_skip_starts_as_a_linear_head_and_lets_the_up_in_through_its_gate
     assert "skips.audio.weight" in trainable and not any("image" in n or n == "up_gate" for n in trainable)
     rebuilt = OneEncoder.from_config(UPConfig.from_dict(model.config.to_dict()))
     rebuilt.load_state_dict(model.state_dict())  # strict: the saved config rebuilds the same modules
+
+
+# ---------------------------------------------------------------- token dropout (docs/training.md)
+
+
+def test_token_dropout_hides_tokens_in_training_only_and_never_empties_a_row() -> None:
+    torch.manual_seed(0)
+    config = UPConfig({"image": D_IMG, "text": D_TXT}, width=32, blocks=1, dropout=0.0, pooled_skip=True,
+                      token_dropout=0.5)
+    model = OneEncoder.from_config(config)
+    with torch.no_grad():
+        model.up_gate.fill_(0.5)  # both paths count
+    tokens = torch.randn(64, 6, D_IMG)
+    mask = torch.ones(64, 6, dtype=torch.bool)
+    mask[:, 4:] = False  # 4 real tokens per row
+    mask[0, 1:] = False  # a row of one token keeps it
+    kept = drop_tokens(mask, 0.5)
+    assert bool((kept & ~mask).any()) is False  # padding stays padding
+    assert bool(kept.any(dim=1).all()) and bool(kept[:, 0].all())  # the first real token always stays
+    hidden = (mask & ~kept)[1:, 1:4].float().mean()
+    assert 0.35 < float(hidden) < 0.65  # the others drop at about p
+    # Training: the embedding is that of a random subset of the tokens, so two passes differ; both paths see it.
+    model.train()
+    assert not torch.allclose(model.encode("image", tokens, mask), model.encode("image", tokens, mask))
+    # Eval: every real token, deterministic, identical to the same model without token dropout.
+    model.eval()
+    plain = OneEncoder.from_config(replace(config, token_dropout=0.0))
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    assert torch.equal(model.encode("image", tokens, mask), plain.encode("image", tokens, mask))
+    with pytest.raises(ValueError, match="token_dropout must be in"):
+        UPConfig({"image": D_IMG}, token_dropout=1.0)

@@ -114,7 +114,8 @@ def recorded_options(config: dict, stage_name: str) -> dict[str, Any]:
         loss, model = config["loss"], config["model"]
         options.update(head=config["head"], loss_kind=loss["kind"], temperature=loss["init_temperature"],
                        target_mix=loss["target_mix"])
-        options.update({k: model[k] for k in ("width", "blocks", "fusion", "pooled_skip", "dropout") if k in model})
+        options.update({k: model[k] for k in ("width", "blocks", "fusion", "pooled_skip", "dropout", "token_dropout")
+                        if k in model})
         cls = (model.get("cls_token") or {}).get("image")
         if cls is not None:
             options["cls_token"] = "yes" if cls else "no"
