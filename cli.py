@@ -574,7 +574,7 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="GRID.json: train its configurations as one job reading each batch once, one run per "
                    "configuration under --out (README, 'Sweeps')")
-@train_options(epochs=30, batch_size=128, lr_schedule="cosine", select="mean-rank")
+@train_options(epochs=10, batch_size=128, lr_schedule="cosine", select="mean-rank")  # FIT_UP_SCHEDULE
 @loss_options
 @preset_option("fit-up")
 def fit_up(**options) -> None:

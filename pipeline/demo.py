@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from pipeline.evaluation.evaluate import evaluate_retrieval, evaluate_zero_shot
-from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+from pipeline.training.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, fit_up
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20),
            "purple": (140, 50, 170)}
@@ -102,7 +102,7 @@ def run_demo(out: Path | str, n_images: int = 400, epochs: int = 15, force_tiny:
     print("== fit-up (from the cached features only)")
     run = out / "run"
     fit_up(stores["train", "image"], stores["train", "text"], run, loss=LossConfig(),
-           train=TrainConfig(epochs=epochs, batch_size=64, seed=seed), overwrite=True)
+           train=TrainConfig(**{**FIT_UP_SCHEDULE, "epochs": epochs, "batch_size": 64, "seed": seed}), overwrite=True)
     print("== held-out retrieval")
     retrieval = evaluate_retrieval(run, stores["test", "image"], stores["test", "text"])
     for direction, m in retrieval["metrics"].items():

@@ -116,8 +116,9 @@ def test_fit_up_schedule_warms_up_then_decays_and_selection_keeps_the_best_mean_
     image_store, text_store = make_toy_pair(tmp_path, n_images=40)
     run = tmp_path / "run"
     # 30 training images in batches of 8: 4 steps per epoch, 32 in all; a quarter of them (2 epochs) warm up.
-    fit_up(image_store, text_store, run, **SMALL, train=TrainConfig(epochs=8, batch_size=8, val_fraction=0.25,
-                                                                    lr_warmup=0.25, **FIT_UP_SCHEDULE),
+    fit_up(image_store, text_store, run, **SMALL, train=TrainConfig(**{**FIT_UP_SCHEDULE, "epochs": 8,
+                                                                      "batch_size": 8, "val_fraction": 0.25,
+                                                                      "lr_warmup": 0.25}),
            progress=False)
     metrics = RunDir(run).metrics()
     lrs = [m["lr"] for m in metrics]  # after each epoch's last step
