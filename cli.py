@@ -570,6 +570,9 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
 @click.option("--token-dropout", default=0.0, show_default=True,
               help="UP: in training, hide each real token but the first with this probability (an augmentation of "
                    "the cached features; docs/training.md)")
+@click.option("--up-drop", default=0.0, show_default=True,
+              help="UP with --pooled-skip: in training, drop the UP's whole branch for each item with this "
+                   "probability (stochastic depth), so the linear path also learns to stand alone")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="GRID.json: train its configurations as one job reading each batch once, one run per "
@@ -593,7 +596,7 @@ def fit_up(**options) -> None:
                                    "overwrite")}
     cls_token = {"auto": None, "yes": True, "no": False}[o.pop("cls_token")]
     pooled_skip = o.pop("pooled_skip")
-    head_options = {"dropout": o.pop("dropout"), "token_dropout": o.pop("token_dropout")}
+    head_options = {name: o.pop(name) for name in ("dropout", "token_dropout", "up_drop")}
     o.pop("preset", None)
     sweep = o.pop("sweep")
     with session(o.pop("device")) as device:  # joins torchrun's group when launched by it

@@ -107,3 +107,13 @@ def drop_tokens(mask: Tensor, p: float, training: bool = True) -> Tensor:
     first[torch.arange(mask.shape[0], device=mask.device), mask.to(torch.int8).argmax(dim=1)] = True
     kept = torch.rand(mask.shape, device=mask.device) >= p
     return mask & (kept | first)
+
+
+def drop_path(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Stochastic depth for a residual branch (Huang et al., 2016): each row of ``x [B, ...]`` is zeroed with
+    probability ``p`` and the rest scaled by ``1 / (1 - p)``, so the expected output is unchanged. Rows whose
+    branch is dropped train what the branch is added to on its own. Eval mode is the identity."""
+    if not training or p == 0.0:
+        return x
+    keep = (torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p).to(x.dtype)
+    return x * keep / (1.0 - p)

@@ -26,7 +26,7 @@ from project.base import (
     masked_mean,
     normalise_modalities,
 )
-from project.dropout import Dropout, TransformerEncoderLayer, drop_tokens
+from project.dropout import Dropout, TransformerEncoderLayer, drop_path, drop_tokens
 
 FUSIONS = ("add", "attention", "concat")
 POOLS = ("mean", "token")
@@ -55,10 +55,16 @@ class UPConfig(ConfigMixin):
     # Training-time token dropout (project.dropout.drop_tokens): each real token but the first is hidden from
     # both paths with this probability. 0 is the paper.
     token_dropout: float = 0.0
+    # With pooled_skip: in training, the UP's whole branch is dropped for each item with this probability
+    # (stochastic depth, project.dropout.drop_path), so the linear path also learns to stand alone. 0: never.
+    up_drop: float = 0.0
 
     def __post_init__(self) -> None:
         check_transformer_config(self, ("width", "blocks", "heads", "ff_mult", "modality_tokens"))
         check_dropout(self.token_dropout, "token_dropout")
+        check_dropout(self.up_drop, "up_drop")
+        if self.up_drop and not self.pooled_skip:
+            raise ValueError("up_drop drops the UP's branch beside the pooled linear path: it needs pooled_skip")
 
 
 def check_transformer_config(config, positive: tuple[str, ...]) -> None:
@@ -279,7 +285,8 @@ class OneEncoder(Head):
         mask = drop_tokens(mask, self.config.token_dropout, self.training)
         out = self.up(modality, self.adapters[modality](tokens), mask)
         if self.config.pooled_skip:
-            out = self.skips[modality](masked_mean(tokens, mask)) + self.up_gate * out
+            out = self.skips[modality](masked_mean(tokens, mask)) + self.up_gate * drop_path(
+                out, self.config.up_drop, self.training)
         return out
 
     def _modality_prefixes(self, modality: str) -> tuple[str, ...]:

@@ -70,7 +70,7 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
     assert (run / "model.safetensors").exists() and config["model"]["fusion"] == "attention"
     # fit-up's defaults (docs/training.md): the UP with the pooled linear path, warm-up + cosine, mean-rank selection
     train = config["stages"][0]["train"]
-    assert config["model"]["pooled_skip"] is True
+    assert config["model"]["pooled_skip"] is True and config["model"]["token_dropout"] == 0.0
     assert (train["lr_schedule"], train["lr_warmup"], train["select"]) == ("cosine", 0.1, "mean-rank")
     paper = tmp_path / "paper"
     cli("fit-up", "--image-store", extracted["image"], "--text-store", extracted["text"], "--out", paper,
@@ -79,6 +79,10 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
     config = json.loads((paper / "config.json").read_text())
     train = config["stages"][0]["train"]
     assert config["model"]["pooled_skip"] is False and (train["lr_schedule"], train["select"]) == ("constant", "rsum")
+    refused = cli("fit-up", "--image-store", extracted["image"], "--text-store", extracted["text"], "--out",
+                  tmp_path / "refused", "--no-pooled-skip", "--up-drop", 0.5, ok=False)
+    assert refused.returncode == 1 and "up_drop" in refused.stderr and "needs pooled_skip" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
     resumed = cli("fit-up", "--image-store", extracted["image"], "--text-store", extracted["text"], "--out", run,
                   "--epochs", 4, "--batch-size", 16, "--resume")
     assert "epoch   4" in resumed.stdout and "epoch   3" not in resumed.stdout

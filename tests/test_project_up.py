@@ -388,3 +388,28 @@ def test_token_dropout_hides_tokens_in_training_only_and_never_empties_a_row() -
     assert torch.equal(model.encode("image", tokens, mask), plain.encode("image", tokens, mask))
     with pytest.raises(ValueError, match="token_dropout must be in"):
         UPConfig({"image": D_IMG}, token_dropout=1.0)
+
+
+def test_up_drop_drops_the_whole_up_branch_per_item_in_training_only() -> None:
+    torch.manual_seed(0)
+    config = UPConfig({"image": D_IMG, "text": D_TXT}, width=32, blocks=1, dropout=0.0, pooled_skip=True, up_drop=0.5)
+    model = OneEncoder.from_config(config)
+    with torch.no_grad():
+        model.up_gate.fill_(0.5)
+    tokens, mask = torch.randn(64, 5, D_IMG), torch.ones(64, 5, dtype=torch.bool)
+    skip = model.skips["image"](tokens.mean(dim=1))
+    model.eval()
+    full = model.encode("image", tokens, mask)
+    branch = (full - skip) / 0.5  # the UP's own output (dropout 0: the same in training)
+    model.train()
+    out = model.encode("image", tokens, mask)
+    dropped = torch.isclose(out, skip, atol=1e-5).all(dim=1)
+    kept = torch.isclose(out, skip + 0.5 * branch / 0.5, atol=1e-5).all(dim=1)
+    assert bool((dropped ^ kept).all())  # every item: its branch dropped, or kept and scaled by 1 / (1 - p)
+    assert 16 < int(dropped.sum()) < 48
+    plain = OneEncoder.from_config(replace(config, up_drop=0.0))
+    plain.load_state_dict(model.state_dict())
+    model.eval(), plain.eval()
+    assert torch.equal(model.encode("image", tokens, mask), plain.encode("image", tokens, mask))  # eval: identity
+    with pytest.raises(ValueError, match="needs pooled_skip"):
+        UPConfig({"image": D_IMG}, up_drop=0.5)

@@ -115,8 +115,8 @@ def recorded_options(config: dict, stage_name: str) -> dict[str, Any]:
         loss, model = config["loss"], config["model"]
         options.update(head=config["head"], loss_kind=loss["kind"], temperature=loss["init_temperature"],
                        target_mix=loss["target_mix"])
-        options.update({k: model[k] for k in ("width", "blocks", "fusion", "pooled_skip", "dropout", "token_dropout")
-                        if k in model})
+        head_fields = ("width", "blocks", "fusion", "pooled_skip", "dropout", "token_dropout", "up_drop")
+        options.update({k: model[k] for k in head_fields if k in model})
         cls = (model.get("cls_token") or {}).get("image")
         if cls is not None:
             options["cls_token"] = "yes" if cls else "no"
@@ -531,7 +531,10 @@ def head_config(head: str, input_dims: dict[str, int], **options):
         raise TrainingError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
     config_class = HEADS[head].config_class
     known = {f.name for f in fields(config_class)}
-    return config_class(input_dims=input_dims, **{k: v for k, v in options.items() if k in known})
+    try:
+        return config_class(input_dims=input_dims, **{k: v for k, v in options.items() if k in known})
+    except ValueError as err:  # a bad option value: one line naming it, not a traceback
+        raise TrainingError(f"--head {head}: {err}") from err
 
 
 def fit_up(

@@ -39,7 +39,7 @@ from stores import atomic_write_text
 MODEL_OPTIONS = ("head", "fusion", "width", "blocks")
 LOSS_OPTIONS = {"loss": "kind", "temperature": "init_temperature", "target_mix": "target_mix"}
 TRAIN_OPTIONS = ("lr", "seed", "weight_decay")
-HEAD_OPTIONS = ("dropout", "token_dropout")
+HEAD_OPTIONS = ("dropout", "token_dropout", "up_drop")
 SWEEP_OPTIONS = (*MODEL_OPTIONS, *LOSS_OPTIONS, *TRAIN_OPTIONS, *HEAD_OPTIONS)
 SWEEP_FILE = "SWEEP.json"
 
