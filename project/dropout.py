@@ -1,4 +1,5 @@
-"""Dropout with a cheap mask draw on the CPU, and the transformer encoder layer that uses it.
+"""Dropout with a cheap mask draw on the CPU and the transformer encoder layer that uses it; below them, the UP's two
+coarser training-time drops: token dropout (:func:`drop_tokens`) and stochastic depth of a branch (:func:`drop_path`).
 
 torch's CPU dropout draws every mask element with its own call to the default generator (ATen uses MKL's
 parallel generator on Intel CPUs only): on a 2-core AMD machine the masks took about half of a cached UP
