@@ -55,6 +55,22 @@ CONFIGS = {
     "up-skip-cos": {**PAPER, "head_options": {"pooled_skip": True}, "train": FIT_UP_SCHEDULE},
     "default": {"head": "up", "head_options": {}, "train": FIT_UP_SCHEDULE, "loss": {}},  # fit-up's defaults now
 }
+DEFAULT = CONFIGS["default"]
+CONFIGS.update({
+    "default-td3": {**DEFAULT, "head_options": {"token_dropout": 0.3}},
+    "default-td5": {**DEFAULT, "head_options": {"token_dropout": 0.5}},
+    "default-do3": {**DEFAULT, "head_options": {"dropout": 0.3}},
+    "default-wd": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "weight_decay": 0.05}},
+    "default-e15": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 15}},
+    "default-e10": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
+    "default-e10-td5": {**DEFAULT, "head_options": {"token_dropout": 0.5}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
+    "default-e10-wd": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10, "weight_decay": 0.05}},
+    "default-e10-do3": {**DEFAULT, "head_options": {"dropout": 0.3}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
+    "linear-cos-e10": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
+    "default-e10-ud5": {**DEFAULT, "head_options": {"up_drop": 0.5}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
+    "default-e10-b32": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10, "batch_size": 32}},
+    "linear-cos-e10-b32": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10, "batch_size": 32}},
+})
 
 
 def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore) -> dict:
@@ -69,7 +85,7 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int) 
     config = CONFIGS[config_name]
     folder = dev / set_name
     test_images, test_texts = FeatureStore.open(folder / "image-test"), FeatureStore.open(folder / "text-test")
-    train = TrainConfig(**{**config["train"], "epochs": epochs, "seed": seed, "tensorboard": False})
+    train = TrainConfig(**{"epochs": epochs, **config["train"], "seed": seed, "tensorboard": False})
     loss = LossConfig(**config["loss"])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
