@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from project.base import first_real_index
+
 LANE_VALUES = 1 << 16
 _LANE_MIN = -(1 << 15)
 
@@ -105,7 +107,7 @@ def drop_tokens(mask: Tensor, p: float, training: bool = True) -> Tensor:
     if not training or p == 0.0:
         return mask
     first = torch.zeros_like(mask)
-    first[torch.arange(mask.shape[0], device=mask.device), mask.to(torch.int8).argmax(dim=1)] = True
+    first[torch.arange(mask.shape[0], device=mask.device), first_real_index(mask)] = True
     kept = torch.rand(mask.shape, device=mask.device) >= p
     return mask & (kept | first)
 
