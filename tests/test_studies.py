@@ -19,6 +19,8 @@ def test_a_study_fit_records_held_out_recall_at_every_epoch_and_summarises(tmp_p
         text.rename(folder / f"text-{split}")
     row = run_one(tmp_path / "dev", "toy", "linear-cos", seed=0, epochs=2)
     assert [e["epoch"] for e in row["epochs"]] == [1, 2] and row["kept_epoch"] in (1, 2)
+    own = run_one(tmp_path / "dev", "toy", "linear-cos-e10", seed=0)  # no --epochs: the config's own 10
+    assert len(own["epochs"]) == 10
     for epoch in row["epochs"]:
         held_out = epoch["held_out"]
         assert 0 <= held_out["R@1"] <= held_out["R@5"] <= held_out["R@10"] <= 1 and held_out["mean_rank"] >= 1
