@@ -584,7 +584,7 @@ def fit_up(**options) -> None:
     """Step 1: train the Universal Projection on image-text pairs, from cached features only. --resume continues
     with the run's recorded options; an option given that differs from them is refused (--epochs may grow)."""
     from pipeline.training.distributed import is_main, session
-    from pipeline.training.fit import LossConfig, recorded_options
+    from pipeline.training.fit import HEAD_OPTIONS, LossConfig, recorded_options
     from pipeline.training.fit import fit_up as run_fit_up
     from pipeline.training.rundir import RunDir
 
@@ -596,7 +596,7 @@ def fit_up(**options) -> None:
                                    "overwrite")}
     cls_token = {"auto": None, "yes": True, "no": False}[o.pop("cls_token")]
     pooled_skip = o.pop("pooled_skip")
-    head_options = {name: o.pop(name) for name in ("dropout", "token_dropout", "up_drop")}
+    head_options = {name: o.pop(name) for name in HEAD_OPTIONS}
     o.pop("preset", None)
     sweep = o.pop("sweep")
     with session(o.pop("device")) as device:  # joins torchrun's group when launched by it

@@ -65,6 +65,9 @@ from stores import FeatureStore
 # fit-up's own defaults (docs/training.md): a short warm-up + cosine schedule that anneals where held-out recall
 # peaks on small sets, and mean-rank selection. fit-al and the other loops keep TrainConfig's (the paper's).
 FIT_UP_SCHEDULE = {"epochs": 10, "lr_schedule": "cosine", "select": "mean-rank"}
+# Head config fields fit-up takes as options of their own (through ``head_options``); the run records them in its
+# model config, so --resume restores them and a sweep grid may vary them.
+HEAD_OPTIONS = ("dropout", "token_dropout", "up_drop")
 
 
 @dataclass
@@ -115,7 +118,7 @@ def recorded_options(config: dict, stage_name: str) -> dict[str, Any]:
         loss, model = config["loss"], config["model"]
         options.update(head=config["head"], loss_kind=loss["kind"], temperature=loss["init_temperature"],
                        target_mix=loss["target_mix"])
-        head_fields = ("width", "blocks", "fusion", "pooled_skip", "dropout", "token_dropout", "up_drop")
+        head_fields = ("width", "blocks", "fusion", "pooled_skip", *HEAD_OPTIONS)
         options.update({k: model[k] for k in head_fields if k in model})
         cls = (model.get("cls_token") or {}).get("image")
         if cls is not None:

@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.training import distributed
 from pipeline.training.fit import (
     FIT_UP_SCHEDULE,
+    HEAD_OPTIONS,
     LossConfig,
     TrainConfig,
     TrainingError,
@@ -39,7 +40,6 @@ from stores import atomic_write_text
 MODEL_OPTIONS = ("head", "fusion", "width", "blocks")
 LOSS_OPTIONS = {"loss": "kind", "temperature": "init_temperature", "target_mix": "target_mix"}
 TRAIN_OPTIONS = ("lr", "seed", "weight_decay")
-HEAD_OPTIONS = ("dropout", "token_dropout", "up_drop")
 SWEEP_OPTIONS = (*MODEL_OPTIONS, *LOSS_OPTIONS, *TRAIN_OPTIONS, *HEAD_OPTIONS)
 SWEEP_FILE = "SWEEP.json"
 
