@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.training.defaults import FIT_UP_SCHEDULE
 from stores import DTYPES, OneEncoderError
 
 
@@ -577,7 +578,7 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="GRID.json: train its configurations as one job reading each batch once, one run per "
                    "configuration under --out (README, 'Sweeps')")
-@train_options(epochs=10, batch_size=128, lr_schedule="cosine", select="mean-rank")  # FIT_UP_SCHEDULE
+@train_options(batch_size=128, **FIT_UP_SCHEDULE)
 @loss_options
 @preset_option("fit-up")
 def fit_up(**options) -> None:
@@ -726,7 +727,7 @@ def fit_base(image_encoder, text_encoder, image_manifest, text_manifest, out, he
     """The paper's "Base" baseline: the same pairs and loss, encoders trained end to end from raw media (not from
     cache). Writes a run that eval retrieval reads from stores extracted with RUN/encoders/{image,text}."""
     from pipeline.training.base import fit_base as run_fit_base
-    from pipeline.training.fit import FIT_UP_SCHEDULE, LossConfig
+    from pipeline.training.fit import LossConfig
 
     summary = run_fit_base(
         image_encoder, text_encoder, image_manifest, text_manifest, out, head=head, width=width, blocks=blocks,

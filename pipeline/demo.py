@@ -16,7 +16,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from pipeline.evaluation.evaluate import evaluate_retrieval, evaluate_zero_shot
-from pipeline.training.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, fit_up
+from pipeline.training.defaults import FIT_UP_SCHEDULE
+from pipeline.training.fit import LossConfig, TrainConfig, fit_up
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20),
            "purple": (140, 50, 170)}

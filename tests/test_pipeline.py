@@ -13,7 +13,8 @@ from toy_stores import make_toy_pair
 
 from pipeline.evaluation.evaluate import check_compatible, evaluate_retrieval
 from pipeline.evaluation.metrics import query_metrics, ranks_of_first_match, topk_accuracy
-from pipeline.training.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, TrainingError, fit_up
+from pipeline.training.defaults import FIT_UP_SCHEDULE
+from pipeline.training.fit import LossConfig, TrainConfig, TrainingError, fit_up
 from pipeline.training.pairs import (
     PairingError,
     Pairs,

@@ -25,6 +25,7 @@ from pipeline.embed import embed_store
 from pipeline.evaluation.metrics import bidirectional_retrieval
 from pipeline.progress import progress_bar
 from pipeline.training import distributed
+from pipeline.training.defaults import FIT_UP_SCHEDULE
 from pipeline.training.loop import (
     LR_SCHEDULES,
     SELECTIONS,
@@ -62,9 +63,6 @@ from pipeline.training.rundir import RunDir, RunError
 from project import HEADS, ContrastiveLoss
 from stores import FeatureStore
 
-# fit-up's own defaults (docs/training.md): a short warm-up + cosine schedule that anneals where held-out recall
-# peaks on small sets, and mean-rank selection. fit-al and the other loops keep TrainConfig's (the paper's).
-FIT_UP_SCHEDULE = {"epochs": 10, "lr_schedule": "cosine", "select": "mean-rank"}
 # Head config fields fit-up takes as options of their own (through ``head_options``); the run records them in its
 # model config, so --resume restores them and a sweep grid may vary them.
 HEAD_OPTIONS = ("dropout", "token_dropout", "up_drop")

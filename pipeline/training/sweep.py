@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.training import distributed
+from pipeline.training.defaults import FIT_UP_SCHEDULE
 from pipeline.training.fit import (
-    FIT_UP_SCHEDULE,
     HEAD_OPTIONS,
     LossConfig,
     TrainConfig,
