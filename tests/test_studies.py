@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import torch
 from toy_stores import make_toy_pair
 
-from pipeline.studies.train_study import run_one, summarise
+from pipeline.studies.train_study import run_one, summarise, up_lr_scaled
+from pipeline.training import fit as fit_module
+from project import ContrastiveLoss
 
 
 def test_a_study_fit_records_held_out_recall_at_every_epoch_and_summarises(tmp_path):
@@ -24,6 +27,28 @@ def test_a_study_fit_records_held_out_recall_at_every_epoch_and_summarises(tmp_p
     for epoch in row["epochs"]:
         held_out = epoch["held_out"]
         assert 0 <= held_out["R@1"] <= held_out["R@5"] <= held_out["R@10"] <= 1 and held_out["mean_rank"] >= 1
+    # The running averages of the epoch-end weights start at their epoch (one sample: the epoch's own weights).
+    metrics = ("R@1", "R@5", "R@10", "mean_rank")
+    for epoch in own["epochs"]:
+        starts = sorted(int(k.removeprefix("avg_from_")) for k in epoch["held_out"] if k.startswith("avg_from_"))
+        assert starts == [s for s in (3, 5, 7) if s <= epoch["epoch"]]
+        for start in starts:
+            if start == epoch["epoch"]:
+                averaged = epoch["held_out"][f"avg_from_{start}"]
+                assert [averaged[m] for m in metrics] == [epoch["held_out"][m] for m in metrics]
     study = tmp_path / "study.jsonl"
-    study.write_text(json.dumps(row) + "\n")
-    assert "linear-cos" in summarise(study) and "toy" in summarise(study)
+    study.write_text(json.dumps(row) + "\n" + json.dumps(own) + "\n")
+    table = summarise(study)
+    assert "linear-cos" in table and "toy" in table and "average from 5" in table
+
+
+def test_the_up_lr_study_gives_the_ups_own_parameters_a_group_of_their_own_and_restores_fit_up():
+    model = torch.nn.ModuleDict({"up": torch.nn.Linear(2, 2), "skip": torch.nn.Linear(2, 2)})
+    loss = ContrastiveLoss()
+    original = fit_module._trainable_parameters
+    with up_lr_scaled(0.3):
+        groups = fit_module._trainable_parameters(model, loss, [])
+    assert fit_module._trainable_parameters is original
+    up_ids = {id(p) for p in model["up"].parameters()}
+    assert {id(p) for p in groups[1]["params"]} == up_ids and groups[1]["lr"] == 0.3 * 1e-3
+    assert not up_ids & {id(p) for p in groups[0]["params"]} and len(groups[0]["params"]) == 2 + len(list(loss.parameters()))

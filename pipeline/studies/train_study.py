@@ -13,6 +13,8 @@ validation numbers and the held-out ones, so other selection signals can be comp
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import statistics
 import tempfile
@@ -23,7 +25,9 @@ import torch
 
 from pipeline.embed import embed_store
 from pipeline.evaluation.metrics import bidirectional_retrieval
-from pipeline.training.fit import FIT_UP_SCHEDULE, LossConfig, TrainConfig, fit_up
+from pipeline.training import fit as fit_module
+from pipeline.training.defaults import FIT_UP_SCHEDULE
+from pipeline.training.fit import LossConfig, TrainConfig, fit_up
 from pipeline.training.pairs import pair_stores
 from stores import FeatureStore
 
@@ -70,6 +74,11 @@ CONFIGS.update({
     "default-e10-do3": {**DEFAULT, "head_options": {"dropout": 0.3}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
     "default-e10-ud5": {**DEFAULT, "head_options": {"up_drop": 0.5}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
     "default-e10-b32": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10, "batch_size": 32}},
+    # The UP's own parameters (adapters and transformer) at this fraction of the learning rate of the pooled linear
+    # path, its gate and the temperature.
+    "default-e10-uplr3": {**DEFAULT, "up_lr_scale": 0.3, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
+    "default-e10-1b": {**DEFAULT, "blocks": 1, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
+    "default-e10-2b": {**DEFAULT, "blocks": 2, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
     "linear-cos-e10": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
     "linear-cos-e10-b32": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10, "batch_size": 32}},
 })
@@ -83,6 +92,56 @@ def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore) 
     return {"R@1": m["R@1"], "R@5": m["R@5"], "R@10": m["R@10"], "mean_rank": m["mean_rank"]}
 
 
+# Averages of the epoch-end weights from these epochs on (stochastic weight averaging over epochs, Izmailov et al.
+# 2018), measured on the held-out split beside each epoch's own weights; they never steer training.
+AVERAGE_FROM = (3, 5, 7)
+
+
+class EpochAverages:
+    """Held-out recall of each epoch's weights and of running averages of the epoch-end weights (AVERAGE_FROM)."""
+
+    def __init__(self, images: FeatureStore, texts: FeatureStore) -> None:
+        self.images, self.texts = images, texts
+        self.sums: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+
+    def __call__(self, epoch: int, model: torch.nn.Module) -> dict:
+        out = held_out(model, self.images, self.texts)
+        weights = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        for start in AVERAGE_FROM:
+            if epoch < start:
+                continue
+            count, total = self.sums.get(start, (0, None))
+            total = weights if total is None else {k: total[k] + weights[k] for k in total}
+            self.sums[start] = (count + 1, total)
+            averaged = copy.deepcopy(model)
+            averaged.load_state_dict({k: v / (count + 1) for k, v in total.items()})
+            out[f"avg_from_{start}"] = held_out(averaged, self.images, self.texts)
+        return out
+
+
+@contextlib.contextmanager
+def up_lr_scaled(scale: float | None):
+    """Within: fit-up's optimiser gets the UP's own parameters (``adapters.*``, ``up.*``) as a group at ``scale``
+    times the learning rate (a study hypothesis, not a fit-up option)."""
+    if scale is None:
+        yield
+        return
+    original = fit_module._trainable_parameters
+
+    def grouped(model, loss_fn, trainable):
+        params = original(model, loss_fn, trainable)
+        up = {id(p) for n, p in model.named_parameters() if n.startswith(("adapters.", "up."))}
+        base_lr = TrainConfig().lr
+        return [{"params": [p for p in params if id(p) not in up]},
+                {"params": [p for p in params if id(p) in up], "lr": base_lr * scale}]
+
+    fit_module._trainable_parameters = grouped
+    try:
+        yield
+    finally:
+        fit_module._trainable_parameters = original
+
+
 def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int | None = None) -> dict:
     """One fit of ``config_name`` on ``set_name``; ``epochs`` (if given) replaces the config's own."""
     config = CONFIGS[config_name]
@@ -92,12 +151,12 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
                            "tensorboard": False})
     loss = LossConfig(**config["loss"])
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale")):
         options = dict(config["head_options"])
         fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
                blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,
                loss=loss, train=train,
-               progress=False, on_epoch=lambda epoch, model: held_out(model, test_images, test_texts))
+               progress=False, on_epoch=EpochAverages(test_images, test_texts))
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     kept = max(r["epoch"] for r in records if r.get("saved"))
     return {"config": config_name, "set": set_name, "seed": seed, "kept_epoch": kept,
@@ -112,14 +171,16 @@ def summarise(path: Path) -> str:
     for row in rows:
         by.setdefault((row["config"], row["set"]), []).append(row)
     lines = ["| config | set | seeds | kept R@5 | best-epoch R@5 | last R@5 | kept - best | mean-rank pick | "
-             "rsum pick |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "rsum pick | average from 5 |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def fmt(values: list[float]) -> str:
+        if not values:
+            return "-"
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.3f} +- {spread:.3f}"
 
     for (config, set_name), group in sorted(by.items()):
-        kept, best, last, gap, by_rank, by_rsum = [], [], [], [], [], []
+        kept, best, last, gap, by_rank, by_rsum, averaged = [], [], [], [], [], [], []
         for row in group:
             r5 = {e["epoch"]: e["held_out"]["R@5"] for e in row["epochs"]}
             kept.append(r5[row["kept_epoch"]])
@@ -129,8 +190,10 @@ def summarise(path: Path) -> str:
             # The epoch each validation signal would keep (first of ties, as the fit loop keeps only improvements).
             by_rank.append(r5[min(row["epochs"], key=lambda e: (e["val_mean_rank"], e["epoch"]))["epoch"]])
             by_rsum.append(r5[max(row["epochs"], key=lambda e: (e["val_rsum"], -e["epoch"]))["epoch"]])
+            if "avg_from_5" in row["epochs"][-1]["held_out"]:  # studies recorded before EpochAverages lack it
+                averaged.append(row["epochs"][-1]["held_out"]["avg_from_5"]["R@5"])
         lines.append(f"| {config} | {set_name} | {len(group)} | {fmt(kept)} | {fmt(best)} | {fmt(last)} | "
-                     f"{fmt(gap)} | {fmt(by_rank)} | {fmt(by_rsum)} |")
+                     f"{fmt(gap)} | {fmt(by_rank)} | {fmt(by_rsum)} | {fmt(averaged)} |")
     return "\n".join(lines)
 
 
