@@ -100,3 +100,28 @@ def test_cli_sweep_then_report_over_the_folder_and_the_runs(tmp_path):
         report = json.loads((report_dir / "report.json").read_text())
         assert [row["name"] for row in report["runs"]] == ["width-16", "width-24"]
         assert "w16" in shown.stdout and "w24" in shown.stdout
+
+
+def test_a_sweeps_run_resumes_with_fit_up_like_a_run_trained_alone(tmp_path):
+    images, texts = make_toy_pair(tmp_path, n_images=32)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"width": 16, "fusion": "attention"}, {"lr": 0.002}]))
+    common = ["--image-store", str(images), "--text-store", str(texts), "--blocks", "1", "--epochs", "1",
+              "--batch-size", "8", "--no-tensorboard"]
+
+    def cli(*args: str) -> None:
+        result = subprocess.run([sys.executable, "cli.py", "fit-up", *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+
+    cli(*common, "--out", str(tmp_path / "sweep"), "--sweep", str(grid))
+    cli(*common, "--out", str(tmp_path / "alone"), "--width", "16", "--fusion", "attention")
+    swept, alone = tmp_path / "sweep" / "width-16_fusion-attention", tmp_path / "alone"
+    for run in (swept, alone):  # only the stores and the new length: the rest comes from the run's own record
+        cli("--image-store", str(images), "--text-store", str(texts), "--out", str(run), "--resume", "--epochs", "2")
+    records = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (swept, alone)]
+    assert [r["epoch"] for r in records[0] if "epoch" in r][-1] == 2
+    assert records[0] == records[1]
+    assert (swept / "model.safetensors").read_bytes() == (alone / "model.safetensors").read_bytes()
+    assert json.loads((swept / "config.json").read_text())["model"]["fusion"] == "attention"
