@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.training.defaults import FIT_UP_SCHEDULE
+from pipeline.training.defaults import FIT_UP_SCHEDULE, FIT_UP_TEMPERATURE
 from stores import DTYPES, OneEncoderError
 
 
@@ -506,7 +506,8 @@ def loss_options(command):
         click.option("--target-mix", default=0.0, show_default=True,
                      help="soft loss: weight of one-hot targets mixed into the soft ones"),
         click.option("--warmup-epochs", default=0, show_default=True, help="soft loss: one-hot epochs first"),
-        click.option("--temperature", default=0.07, show_default=True, help="initial (learnable) temperature"),
+        click.option("--temperature", default=FIT_UP_TEMPERATURE, show_default=True,
+                     help="initial value of the learnable temperature (docs/training.md, hypothesis 6)"),
     ]
     for option in reversed(options):
         command = option(command)

@@ -33,13 +33,15 @@ from stores import FeatureStore
 
 # The paper's settings: constant lr, rsum selection, UP without the skip. Each other config changes one thing.
 # Configs without "epochs" train TrainConfig's 30 (the paper-based ones) or fit-up's default (FIT_UP_SCHEDULE).
+# Every config names its initial temperature: the first three rounds ran before fit-up's became 0.1.
+CLIP_TEMPERATURE = {"init_temperature": 0.07}
 PAPER = {"head": "up", "head_options": {"pooled_skip": False}, "train": {"lr_schedule": "constant", "select": "rsum"},
-         "loss": {}}
+         "loss": CLIP_TEMPERATURE}
 COSINE_30 = {**FIT_UP_SCHEDULE, "epochs": 30}  # the first round's fit-up schedule
 CONFIGS = {
     "linear": {"head": "linear", "head_options": {}, "train": {"lr_schedule": "constant", "select": "rsum"},
-               "loss": {}},
-    "linear-cos": {"head": "linear", "head_options": {}, "train": COSINE_30, "loss": {}},
+               "loss": CLIP_TEMPERATURE},
+    "linear-cos": {"head": "linear", "head_options": {}, "train": COSINE_30, "loss": CLIP_TEMPERATURE},
     "up-paper": PAPER,
     "up-cos": {**PAPER, "train": {"lr_schedule": "cosine"}},
     "up-cos-b32": {**PAPER, "train": {"lr_schedule": "cosine", "batch_size": 32}},
@@ -60,10 +62,11 @@ CONFIGS = {
     "up-tok": {**PAPER, "head_options": {"pooled_skip": False, "pool": "token"}, "train": {"lr_schedule": "cosine"}},
     "up-skip-cos": {**PAPER, "head_options": {"pooled_skip": True}, "train": COSINE_30},
     "default": {"head": "up", "head_options": {}, "train": FIT_UP_SCHEDULE, "loss": {}},  # fit-up's defaults now
+    "linear-default": {"head": "linear", "head_options": {}, "train": FIT_UP_SCHEDULE, "loss": {}},  # --head linear
 }
-DEFAULT = CONFIGS["default"]
-# The second round (docs/training.md): the previous default (30 epochs) and changes to it, then the 10-epoch
-# schedule (fit-up's default now; "default-e10" is "default" under the name its runs were recorded with).
+# The second and third rounds (docs/training.md): the default of their time (30 epochs, then 10, both at CLIP's
+# temperature) and changes to it; "default" trains fit-up's defaults as they are now.
+DEFAULT = {**CONFIGS["default"], "loss": CLIP_TEMPERATURE}
 CONFIGS.update({
     "default-e30": {**DEFAULT, "train": COSINE_30},
     "default-td3": {**DEFAULT, "head_options": {"token_dropout": 0.3}, "train": COSINE_30},
@@ -79,8 +82,19 @@ CONFIGS.update({
     "default-e10-uplr3": {**DEFAULT, "up_lr_scale": 0.3, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
     "default-e10-1b": {**DEFAULT, "blocks": 1, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
     "default-e10-2b": {**DEFAULT, "blocks": 2, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
+    "default-e10-t10": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10}, "loss": {"init_temperature": 0.1}},
+    "default-e10-tok": {**DEFAULT, "head_options": {"pool": "token"}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
     "linear-cos-e10": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
     "linear-cos-e10-b32": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10, "batch_size": 32}},
+    "default-e10-t15": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10}, "loss": {"init_temperature": 0.15}},
+    "linear-cos-e10-t10": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10},
+                           "loss": {"init_temperature": 0.1}},
+    "linear-cos-e10-t15": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10},
+                           "loss": {"init_temperature": 0.15}},
+    "linear-cos-e10-t20": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10},
+                           "loss": {"init_temperature": 0.2}},
+    "linear-cos-e10-t30": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10},
+                           "loss": {"init_temperature": 0.3}},
 })
 
 

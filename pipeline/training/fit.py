@@ -25,7 +25,7 @@ from pipeline.embed import embed_store
 from pipeline.evaluation.metrics import bidirectional_retrieval
 from pipeline.progress import progress_bar
 from pipeline.training import distributed
-from pipeline.training.defaults import FIT_UP_SCHEDULE
+from pipeline.training.defaults import FIT_UP_SCHEDULE, FIT_UP_TEMPERATURE
 from pipeline.training.loop import (
     LR_SCHEDULES,
     SELECTIONS,
@@ -71,7 +71,7 @@ HEAD_OPTIONS = ("dropout", "token_dropout", "up_drop")
 @dataclass
 class LossConfig:
     kind: str = "infonce"
-    init_temperature: float = 0.07
+    init_temperature: float = FIT_UP_TEMPERATURE
     learn_temperature: bool = True
     target_mix: float = 0.0
     detach_targets: bool = False
