@@ -46,9 +46,9 @@ def test_the_up_lr_study_gives_the_ups_own_parameters_a_group_of_their_own_and_r
     model = torch.nn.ModuleDict({"up": torch.nn.Linear(2, 2), "skip": torch.nn.Linear(2, 2)})
     loss = ContrastiveLoss()
     original = fit_module._trainable_parameters
-    with up_lr_scaled(0.3):
+    with up_lr_scaled(0.3, lr=2e-3):
         groups = fit_module._trainable_parameters(model, loss, [])
     assert fit_module._trainable_parameters is original
     up_ids = {id(p) for p in model["up"].parameters()}
-    assert {id(p) for p in groups[1]["params"]} == up_ids and groups[1]["lr"] == 0.3 * 1e-3
+    assert {id(p) for p in groups[1]["params"]} == up_ids and groups[1]["lr"] == 0.3 * 2e-3
     assert not up_ids & {id(p) for p in groups[0]["params"]} and len(groups[0]["params"]) == 2 + len(list(loss.parameters()))

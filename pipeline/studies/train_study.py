@@ -38,6 +38,7 @@ CLIP_TEMPERATURE = {"init_temperature": 0.07}
 PAPER = {"head": "up", "head_options": {"pooled_skip": False}, "train": {"lr_schedule": "constant", "select": "rsum"},
          "loss": CLIP_TEMPERATURE}
 COSINE_30 = {**FIT_UP_SCHEDULE, "epochs": 30}  # the first round's fit-up schedule
+COSINE_10 = {**FIT_UP_SCHEDULE, "epochs": 10}  # the second and third rounds' (pinned, whatever the default becomes)
 CONFIGS = {
     "linear": {"head": "linear", "head_options": {}, "train": {"lr_schedule": "constant", "select": "rsum"},
                "loss": CLIP_TEMPERATURE},
@@ -71,31 +72,26 @@ CONFIGS.update({
     "default-e30": {**DEFAULT, "train": COSINE_30},
     "default-td3": {**DEFAULT, "head_options": {"token_dropout": 0.3}, "train": COSINE_30},
     "default-td5": {**DEFAULT, "head_options": {"token_dropout": 0.5}, "train": COSINE_30},
-    "default-e10": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "default-e10-td5": {**DEFAULT, "head_options": {"token_dropout": 0.5}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "default-e10-wd": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10, "weight_decay": 0.05}},
-    "default-e10-do3": {**DEFAULT, "head_options": {"dropout": 0.3}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "default-e10-ud5": {**DEFAULT, "head_options": {"up_drop": 0.5}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "default-e10-b32": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10, "batch_size": 32}},
+    "default-e10": {**DEFAULT, "train": COSINE_10},
+    "default-e10-td5": {**DEFAULT, "head_options": {"token_dropout": 0.5}, "train": COSINE_10},
+    "default-e10-wd": {**DEFAULT, "train": {**COSINE_10, "weight_decay": 0.05}},
+    "default-e10-do3": {**DEFAULT, "head_options": {"dropout": 0.3}, "train": COSINE_10},
+    "default-e10-ud5": {**DEFAULT, "head_options": {"up_drop": 0.5}, "train": COSINE_10},
+    "default-e10-b32": {**DEFAULT, "train": {**COSINE_10, "batch_size": 32}},
     # The UP's own parameters (adapters and transformer) at this fraction of the learning rate of the pooled linear
     # path, its gate and the temperature.
-    "default-e10-uplr3": {**DEFAULT, "up_lr_scale": 0.3, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "default-e10-1b": {**DEFAULT, "blocks": 1, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "default-e10-2b": {**DEFAULT, "blocks": 2, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "default-e10-t10": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10}, "loss": {"init_temperature": 0.1}},
-    "default-e10-tok": {**DEFAULT, "head_options": {"pool": "token"}, "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "linear-cos-e10": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10}},
-    "linear-cos-e10-b32": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10, "batch_size": 32}},
-    "default-e10-t15": {**DEFAULT, "train": {**FIT_UP_SCHEDULE, "epochs": 10}, "loss": {"init_temperature": 0.15}},
-    "linear-cos-e10-t10": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10},
-                           "loss": {"init_temperature": 0.1}},
-    "linear-cos-e10-t15": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10},
-                           "loss": {"init_temperature": 0.15}},
-    "linear-cos-e10-t20": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10},
-                           "loss": {"init_temperature": 0.2}},
-    "linear-cos-e10-t30": {**CONFIGS["linear-cos"], "train": {**FIT_UP_SCHEDULE, "epochs": 10},
-                           "loss": {"init_temperature": 0.3}},
+    "default-e10-uplr3": {**DEFAULT, "up_lr_scale": 0.3, "train": COSINE_10},
+    "default-e10-1b": {**DEFAULT, "blocks": 1, "train": COSINE_10},
+    "default-e10-2b": {**DEFAULT, "blocks": 2, "train": COSINE_10},
+    "default-e10-tok": {**DEFAULT, "head_options": {"pool": "token"}, "train": COSINE_10},
+    "linear-cos-e10": {**CONFIGS["linear-cos"], "train": COSINE_10},
+    "linear-cos-e10-b32": {**CONFIGS["linear-cos"], "train": {**COSINE_10, "batch_size": 32}},
 })
+# Hypothesis 6: the initial temperature, for either head.
+CONFIGS.update({f"default-e10-t{round(t * 100)}": {**CONFIGS["default-e10"], "loss": {"init_temperature": t}}
+                for t in (0.1, 0.15)})
+CONFIGS.update({f"linear-cos-e10-t{round(t * 100)}": {**CONFIGS["linear-cos-e10"], "loss": {"init_temperature": t}}
+                for t in (0.1, 0.15, 0.2, 0.3)})
 
 
 def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore) -> dict:
@@ -134,9 +130,9 @@ class EpochAverages:
 
 
 @contextlib.contextmanager
-def up_lr_scaled(scale: float | None):
+def up_lr_scaled(scale: float | None, lr: float):
     """Within: fit-up's optimiser gets the UP's own parameters (``adapters.*``, ``up.*``) as a group at ``scale``
-    times the learning rate (a study hypothesis, not a fit-up option)."""
+    times the run's learning rate ``lr`` (a study hypothesis, not a fit-up option)."""
     if scale is None:
         yield
         return
@@ -145,9 +141,8 @@ def up_lr_scaled(scale: float | None):
     def grouped(model, loss_fn, trainable):
         params = original(model, loss_fn, trainable)
         up = {id(p) for n, p in model.named_parameters() if n.startswith(("adapters.", "up."))}
-        base_lr = TrainConfig().lr
         return [{"params": [p for p in params if id(p) not in up]},
-                {"params": [p for p in params if id(p) in up], "lr": base_lr * scale}]
+                {"params": [p for p in params if id(p) in up], "lr": lr * scale}]
 
     fit_module._trainable_parameters = grouped
     try:
@@ -165,7 +160,7 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
                            "tensorboard": False})
     loss = LossConfig(**config["loss"])
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale")):
+    with tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale"), train.lr):
         options = dict(config["head_options"])
         fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
                blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,

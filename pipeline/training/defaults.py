@@ -1,4 +1,5 @@
-"""fit-up's own defaults, where they differ from :class:`pipeline.training.loop.TrainConfig`'s (the paper's).
+"""fit-up's own defaults, where they differ from the paper's (:class:`pipeline.training.loop.TrainConfig`, CLIP's
+temperature in :class:`project.ContrastiveLoss`).
 
 Kept apart from the fit loop, with no imports, so the command line can show them as its option defaults without
 loading torch; the fit functions, sweeps, the demo and the studies read the same table (docs/training.md).
