@@ -58,6 +58,10 @@ class UPConfig(ConfigMixin):
     # With pooled_skip: in training, the UP's whole branch is dropped for each item with this probability
     # (stochastic depth, project.dropout.drop_path), so the linear path also learns to stand alone. 0: never.
     up_drop: float = 0.0
+    # With pooled_skip: the gate is ``gate_scale * up_gate``. AdamW moves a parameter by about the lr per step
+    # whatever its gradient, so in a run of tens of steps an unscaled gate starting at 0 stays near 0 and the UP
+    # hardly contributes (docs/training.md, hypothesis 11); the scale is the gate's lr multiplier. 1: no scaling.
+    gate_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_transformer_config(self, ("width", "blocks", "heads", "ff_mult", "modality_tokens"))
@@ -65,6 +69,8 @@ class UPConfig(ConfigMixin):
         check_dropout(self.up_drop, "up_drop")
         if self.up_drop and not self.pooled_skip:
             raise ValueError("up_drop drops the UP's branch beside the pooled linear path: it needs pooled_skip")
+        if not self.gate_scale > 0:
+            raise ValueError(f"gate_scale must be > 0, got {self.gate_scale}")
 
 
 def check_transformer_config(config, positive: tuple[str, ...]) -> None:
@@ -285,7 +291,8 @@ class OneEncoder(Head):
         mask = drop_tokens(mask, self.config.token_dropout, self.training)
         out = self.up(modality, self.adapters[modality](tokens), mask)
         if self.config.pooled_skip:
-            out = self.skips[modality](masked_mean(tokens, mask)) + self.up_gate * drop_path(
+            gate = self.config.gate_scale * self.up_gate
+            out = self.skips[modality](masked_mean(tokens, mask)) + gate * drop_path(
                 out, self.config.up_drop, self.training)
         return out
 

@@ -92,6 +92,9 @@ CONFIGS.update({f"default-e10-t{round(t * 100)}": {**CONFIGS["default-e10"], "lo
                 for t in (0.1, 0.15)})
 CONFIGS.update({f"linear-cos-e10-t{round(t * 100)}": {**CONFIGS["linear-cos-e10"], "loss": {"init_temperature": t}}
                 for t in (0.1, 0.15, 0.2, 0.3)})
+# Hypothesis 11: the gate of the UP's branch at this multiple of the lr (UPConfig.gate_scale), at fit-up's defaults.
+CONFIGS.update({f"default-gs{scale}": {**CONFIGS["default"], "head_options": {"gate_scale": float(scale)}}
+                for scale in (10, 30, 100)})
 
 
 def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore) -> dict:
