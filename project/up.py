@@ -271,6 +271,11 @@ class OneEncoder(Head):
         super().__init__()
         self.config = replace(config, input_dims=dict(config.input_dims), adapters=dict(config.adapters))
         c = self.config
+        if c.pooled_skip:
+            # Built first, from the same random draws as project.linear.LinearHead's layers: under one seed the UP
+            # starts as exactly the linear head of that seed, so the two differ only by what the gated UP adds.
+            self.skips = nn.ModuleDict({m: nn.Linear(d, c.width) for m, d in c.input_dims.items()})
+            self.up_gate = nn.Parameter(torch.zeros(()))
         self.adapters = nn.ModuleDict({m: _make_adapter(c, m) for m in c.input_dims})
         self.up = UniversalProjection(
             list(c.input_dims),
@@ -283,9 +288,6 @@ class OneEncoder(Head):
             modality_tokens=c.modality_tokens,
             pool=c.pool,
         )
-        if c.pooled_skip:
-            self.skips = nn.ModuleDict({m: nn.Linear(d, c.width) for m, d in c.input_dims.items()})
-            self.up_gate = nn.Parameter(torch.zeros(()))
 
     def _encode(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
         mask = drop_tokens(mask, self.config.token_dropout, self.training)

@@ -358,6 +358,21 @@ def test_pooled_skip_starts_as_a_linear_head_and_lets_the_up_in_through_its_gate
     rebuilt.load_state_dict(model.state_dict())  # strict: the saved config rebuilds the same modules
 
 
+def test_under_one_seed_the_up_starts_as_exactly_the_linear_head() -> None:
+    # fit-up seeds, then builds: the UP's linear path takes the linear head's random draws, so `--head linear` is
+    # the exact ablation of the gated UP (same start, same batches), not another draw of the initial weights.
+    tokens, mask = torch.randn(3, 5, D_IMG), torch.ones(3, 5, dtype=torch.bool)
+    texts = torch.randn(3, 4, D_TXT)
+    embeddings = {}
+    for name, config in (("up", UPConfig({"image": D_IMG, "text": D_TXT}, width=32, blocks=1, pooled_skip=True)),
+                         ("linear", HEADS["linear"].config_class({"image": D_IMG, "text": D_TXT}, width=32))):
+        torch.manual_seed(7)
+        model = build_head(name, config)
+        embeddings[name] = (model.encode("image", tokens, mask), model.encode("text", texts))
+    for up, linear in zip(embeddings["up"], embeddings["linear"], strict=True):
+        assert torch.equal(up, linear)
+
+
 def test_gate_scale_multiplies_how_far_an_adamw_step_moves_the_gate() -> None:
     # AdamW moves a parameter by about the lr per step whatever its gradient's size, so the scale is what lets a
     # gate that starts at 0 open within a short run (docs/training.md, hypothesis 11).
