@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.embed import embed_store
@@ -28,7 +29,7 @@ from pipeline.evaluation.metrics import bidirectional_retrieval
 from pipeline.training import fit as fit_module
 from pipeline.training.defaults import FIT_UP_SCHEDULE
 from pipeline.training.fit import LossConfig, TrainConfig, fit_up
-from pipeline.training.pairs import pair_stores
+from pipeline.training.pairs import pair_stores, split_by_anchor
 from stores import FeatureStore
 
 # The paper's settings: constant lr, rsum selection, UP without the skip. Each other config changes one thing.
@@ -132,6 +133,30 @@ class EpochAverages:
         return out
 
 
+class GalleryValidation:
+    """Mean rank of each validation pair's true partner among every item of the other side's store (its training
+    items as distractors), both directions averaged: a validation signal with a gallery ten times the validation
+    split's, measured beside the fit's own (which ranks among the validation items only); it never steers."""
+
+    def __init__(self, images: FeatureStore, texts: FeatureStore, val_fraction: float, seed: int) -> None:
+        self.images, self.texts = images, texts
+        pairs = pair_stores(images, texts, absent="drop")
+        self.all = pairs.relevance()
+        _, val = split_by_anchor(pairs, val_fraction, seed)
+        self.val_image, self.val_text = val.anchor, val.partner
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        a = torch.nn.functional.normalize(embed_store(model, "image", self.images, self.all.anchors), dim=-1)
+        b = torch.nn.functional.normalize(embed_store(model, "text", self.texts, self.all.partners), dim=-1)
+        rows = torch.as_tensor(np.searchsorted(self.all.anchors, self.val_image))
+        cols = torch.as_tensor(np.searchsorted(self.all.partners, self.val_text))
+        sims = b @ a.T  # [texts, images]
+        true = sims[cols, rows]
+        text_to_image = 1 + (sims[cols] > true[:, None]).sum(1).float()
+        image_to_text = 1 + (sims[:, rows] > true[None, :]).sum(0).float()
+        return float((text_to_image.mean() + image_to_text.mean()) / 2)
+
+
 @contextlib.contextmanager
 def up_lr_scaled(scale: float | None, lr: float):
     """Within: fit-up's optimiser gets the UP's own parameters (``adapters.*``, ``up.*``) as a group at ``scale``
@@ -162,13 +187,20 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
     train = TrainConfig(**{**config["train"], **({"epochs": epochs} if epochs else {}), "seed": seed,
                            "tensorboard": False})
     loss = LossConfig(**config["loss"])
+    averages = EpochAverages(test_images, test_texts)
+    gallery = GalleryValidation(FeatureStore.open(folder / "image-train"), FeatureStore.open(folder / "text-train"),
+                                train.val_fraction, seed)
+
+    def monitor(epoch: int, model: torch.nn.Module) -> dict:
+        return {**averages(epoch, model), "val_gallery_mean_rank": gallery(model)}
+
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale"), train.lr):
         options = dict(config["head_options"])
         fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
                blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,
                loss=loss, train=train,
-               progress=False, on_epoch=EpochAverages(test_images, test_texts))
+               progress=False, on_epoch=monitor)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     kept = max(r["epoch"] for r in records if r.get("saved"))
     return {"config": config_name, "set": set_name, "seed": seed, "kept_epoch": kept,
