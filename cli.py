@@ -477,9 +477,11 @@ def train_options(epochs: int, batch_size: int, lr_schedule: str = "constant", s
                      help="cosine: linear warm-up over --lr-warmup of the steps, then cosine to 0; constant: the "
                           "paper's"),
         click.option("--lr-warmup", default=0.1, show_default=True, help="fraction of the steps warming up (cosine)"),
-        click.option("--select", type=click.Choice(["mean-rank", "rsum"]), default=select, show_default=True,
-                     help="validation signal that picks the kept epoch: mean rank of the true partner (both ways) "
-                          "or R@1+R@5+R@10 (both ways)"),
+        click.option("--select", type=click.Choice(["mean-rank-1se", "mean-rank", "rsum"]), default=select,
+                     show_default=True,
+                     help="what picks the kept epoch on the validation split: the latest epoch within one standard "
+                          "error of the lowest mean rank of the true partner (both ways), the lowest mean rank, or "
+                          "the best R@1+R@5+R@10 (both ways)"),
         device_option,
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
                      help="the forward under autocast to bf16 / fp16 (fp16: CUDA only, with a loss scaler); the loss "

@@ -72,7 +72,7 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
     # fit-up's defaults (docs/training.md): the UP with the pooled linear path, warm-up + cosine, mean-rank selection
     train = config["stages"][0]["train"]
     assert config["model"]["pooled_skip"] is True and config["model"]["token_dropout"] == 0.0
-    assert (train["lr_schedule"], train["lr_warmup"], train["select"]) == ("cosine", 0.1, "mean-rank")
+    assert (train["lr_schedule"], train["lr_warmup"], train["select"]) == ("cosine", 0.1, "mean-rank-1se")
     # ... and the initial temperature, from the same table as the API's (hypothesis 6)
     assert config["loss"]["init_temperature"] == FIT_UP_TEMPERATURE
     paper = tmp_path / "paper"

@@ -39,7 +39,8 @@ def _brute_force(queries: torch.Tensor, gallery: torch.Tensor, relevant: set[tup
     ranks = np.asarray(ranks)
     return {**{f"R@{k}": float(np.mean(ranks <= k)) for k in ks}, "P@1": float(np.mean(ranks == 1)),
             "recall@1": float(np.mean(recalls)), "mAP": float(np.mean(aps)), "median_rank": float(np.median(ranks)),
-            "mean_rank": float(np.mean(ranks)), "queries": len(ranks)}
+            "mean_rank": float(np.mean(ranks)), "mean_rank_se": float(np.std(ranks, ddof=1) / np.sqrt(len(ranks))),
+            "queries": len(ranks)}
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -68,3 +68,13 @@ def test_best_epoch_keeps_the_first_of_equal_scores():
     assert [best.offer(score, epoch) for epoch, score in enumerate([0.5, 0.7, 0.7, 0.6], 1)] == [True, True, False,
                                                                                                   False]
     assert (best.epoch, best.score) == (2, 0.7)
+
+
+def test_best_epoch_with_a_tolerance_keeps_the_latest_epoch_within_it_of_the_best():
+    # mean-rank-1se: scores are minus the mean rank, the tolerance is the best epoch's standard error.
+    best = BestEpoch()
+    offers = [(-3.0, 0.5), (-2.0, 0.3), (-2.2, 0.4), (-2.4, 0.2), (-2.3, 0.1), (-2.0, 0.0)]
+    kept = [best.offer(score, epoch, tolerance) for epoch, (score, tolerance) in enumerate(offers, 1)]
+    # Epoch 3 is within 0.3 of epoch 2's -2.0, epoch 4 is not; epoch 5 is, against epoch 2's tolerance, not its own.
+    assert kept == [True, True, True, False, True, True] and best.epoch == 6  # a tie keeps the later epoch
+    assert (best.score, best.tolerance) == (-2.0, 0.3)  # the best itself stays epoch 2's

@@ -5,6 +5,7 @@ freeze-align's CLS branch is reachable, and every trainer keeps the weights of i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -219,6 +220,30 @@ def test_fit_up_records_the_selection_rule_and_epoch(toy, tmp_path, one_thread):
     selection = config(run)["stages"][0]["selection"]
     assert selection["epoch"] == _selected(metrics(run))
     assert "best validation rsum" in selection["rule"]
+
+
+def test_fit_up_keeps_the_latest_epoch_within_one_standard_error_and_a_resume_keeps_the_same(toy, tmp_path,
+                                                                                             one_thread):
+    from pipeline.training.fit import TrainConfig, fit_up
+
+    train = TrainConfig(epochs=8, batch_size=8, lr=0.05, seed=1, val_fraction=0.25, select="mean-rank-1se",
+                        tensorboard=False)
+    whole = tmp_path / "whole"
+    fit_up(toy["image"], toy["text"], whole, width=16, blocks=1, train=train, progress=False)
+    records = metrics(whole)
+    lowest = min(records, key=lambda r: (r["val"]["mean_rank"], r["epoch"]))
+    within = [r["epoch"] for r in records
+              if r["val"]["mean_rank"] <= lowest["val"]["mean_rank"] + lowest["val"]["mean_rank_se"]]
+    selection = config(whole)["stages"][0]["selection"]
+    assert selection["epoch"] == max(within) > lowest["epoch"]  # not the first lowest: a later one within its error
+    assert "within one standard error" in selection["rule"]
+    assert [r["epoch"] for r in records if r.get("saved")][-1] == selection["epoch"]
+    # Stopped after epoch 4 and resumed: the checkpoint carries the best epoch's tolerance, so the same epoch is kept.
+    parts = tmp_path / "resumed"
+    fit_up(toy["image"], toy["text"], parts, width=16, blocks=1, train=replace(train, epochs=4), progress=False)
+    fit_up(toy["image"], toy["text"], parts, width=16, blocks=1, train=train, resume=True, progress=False)
+    assert config(parts)["stages"][0]["selection"]["epoch"] == selection["epoch"]
+    assert (parts / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
 def test_base_keeps_its_best_validation_epoch_by_the_same_rule(tmp_path, tiny_image_model, tiny_text_model,

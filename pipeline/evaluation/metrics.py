@@ -9,7 +9,8 @@ The definitions, per query ``q`` with relevant set ``R_q`` (never empty):
 - ``R@k``: the fraction of queries with ``rank <= k`` (the hit rate of CLIP-style papers); ``P@1`` equals R@1;
 - ``recall@1``: relevant items in the top 1 over ``|R_q|``, averaged;
 - ``mAP``: the mean over queries of ``AP = (1/|R_q|) * sum_i i / rank_i`` over the relevant items in ranked order;
-- ``median_rank``, ``mean_rank`` (MnR): of ``rank`` over the queries.
+- ``median_rank``, ``mean_rank`` (MnR): of ``rank`` over the queries; ``mean_rank_se``: the standard error of
+  ``mean_rank`` (the sample standard deviation of ``rank`` over the square root of the number of queries).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def _summary(ranks: np.ndarray, ap: np.ndarray, recall_at_1: np.ndarray, ks: tup
     out["mAP"] = float(np.mean(ap))
     out["median_rank"] = float(np.median(ranks))
     out["mean_rank"] = float(np.mean(ranks))
+    # Its standard error over the queries: how far apart two mean ranks must be to say one model ranks better.
+    out["mean_rank_se"] = float(np.std(ranks, ddof=1) / np.sqrt(len(ranks))) if len(ranks) > 1 else 0.0
     out["queries"] = int(len(ranks))
     return out
 

@@ -38,8 +38,9 @@ from stores import FeatureStore
 CLIP_TEMPERATURE = {"init_temperature": 0.07}
 PAPER = {"head": "up", "head_options": {"pooled_skip": False}, "train": {"lr_schedule": "constant", "select": "rsum"},
          "loss": CLIP_TEMPERATURE}
-COSINE_30 = {**FIT_UP_SCHEDULE, "epochs": 30}  # the first round's fit-up schedule
-COSINE_10 = {**FIT_UP_SCHEDULE, "epochs": 10}  # the second and third rounds' (pinned, whatever the default becomes)
+# The first round's fit-up schedule, and the second to fourth rounds' (pinned, whatever the default becomes).
+COSINE_30 = {**FIT_UP_SCHEDULE, "epochs": 30, "select": "mean-rank"}
+COSINE_10 = {**FIT_UP_SCHEDULE, "epochs": 10, "select": "mean-rank"}
 CONFIGS = {
     "linear": {"head": "linear", "head_options": {}, "train": {"lr_schedule": "constant", "select": "rsum"},
                "loss": CLIP_TEMPERATURE},
@@ -93,6 +94,12 @@ CONFIGS.update({f"default-e10-t{round(t * 100)}": {**CONFIGS["default-e10"], "lo
                 for t in (0.1, 0.15)})
 CONFIGS.update({f"linear-cos-e10-t{round(t * 100)}": {**CONFIGS["linear-cos-e10"], "loss": {"init_temperature": t}}
                 for t in (0.1, 0.15, 0.2, 0.3)})
+# Model selection, fourth round: fit-up's defaults over 30 epochs, and the paper's constant lr, under its rule.
+CONFIGS.update({
+    "linear-default-e30": {**CONFIGS["linear-default"], "train": {**FIT_UP_SCHEDULE, "epochs": 30}},
+    "linear-constant-e30": {**CONFIGS["linear-default"],
+                            "train": {**FIT_UP_SCHEDULE, "epochs": 30, "lr_schedule": "constant"}},
+})
 # Hypothesis 11: the gate of the UP's branch at this multiple of the lr (UPConfig.gate_scale), at fit-up's defaults.
 CONFIGS.update({f"default-gs{scale}": {**CONFIGS["default"], "head_options": {"gate_scale": float(scale)}}
                 for scale in (10, 30, 100)})
@@ -206,7 +213,8 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
     return {"config": config_name, "set": set_name, "seed": seed, "kept_epoch": kept,
             "seconds": round(time.perf_counter() - started, 1),
             "epochs": [{"epoch": r["epoch"], "loss": r["loss"], "val_rsum": r["val"]["rsum"],
-                        "val_mean_rank": r["val"]["mean_rank"], "held_out": r["monitor"]} for r in records]}
+                        "val_mean_rank": r["val"]["mean_rank"], "val_mean_rank_se": r["val"]["mean_rank_se"],
+                        "held_out": r["monitor"]} for r in records]}
 
 
 def summarise(path: Path) -> str:

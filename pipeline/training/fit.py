@@ -47,6 +47,7 @@ from pipeline.training.loop import (
     seconds_since,
     selection_rule,
     selection_score,
+    selection_tolerance,
     train_epoch,
 )
 from pipeline.training.pairs import (
@@ -305,7 +306,7 @@ def _resume_point(run: RunDir, stage: Stage, model: nn.Module, loss_fn: Contrast
          and r["epoch"] <= done), default=0))
     if distributed.is_main():
         run.truncate_metrics(lambda r: r.get("stage") != stage.name or r["epoch"] <= done)
-    return done + 1, BestEpoch(float(state["best"]), best_epoch)
+    return done + 1, BestEpoch(float(state["best"]), best_epoch, state.get("best_tolerance"))
 
 
 def _rank_fetcher(stage: Stage, pin: bool, holder: str | None = None) -> Callable[[tuple], tuple]:
@@ -501,14 +502,17 @@ def _close_epoch(run: RunDir, model: nn.Module, step: FitStep, stage: Stage, rec
     append its metrics and write its checkpoint."""
     loss_fn = step.loss_fn
     main = distributed.is_main()
-    if best.offer(selection_score(record["val"], stage.train.select, record["epoch"]), record["epoch"]):
+    select = stage.train.select
+    if best.offer(selection_score(record["val"], select, record["epoch"]), record["epoch"],
+                  selection_tolerance(record["val"], select)):
         record["saved"] = True
         if main:
             run.save_model(model, loss_fn)
     if main:
         run.append_metrics(record)
         run.save_checkpoint(model, loss_fn, {"stage": stage.name, "epoch": record["epoch"], "best": best.score,
-                                             "best_epoch": best.epoch, "optimizer": step.optimizer.state_dict(),
+                                             "best_tolerance": best.tolerance, "best_epoch": best.epoch,
+                                             "optimizer": step.optimizer.state_dict(),
                                              "scheduler": step.scheduler.state_dict() if step.scheduler else None,
                                              **({"scaler": step.scaler.state_dict()} if step.scaler else {}),
                                              "rng": torch.get_rng_state()},

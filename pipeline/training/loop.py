@@ -46,8 +46,9 @@ class TrainConfig:
     # steps, then cosine to 0, as open_clip trains). fit-up defaults to cosine (FIT_UP_SCHEDULE, docs/training.md).
     lr_schedule: str = "constant"
     lr_warmup: float = 0.1
-    # What picks the kept epoch on the validation split: "rsum" (sum of R@1/5/10 both ways) or "mean-rank" (mean
-    # rank of the true partner, both ways; finer on small validation splits; fit-up's default).
+    # What picks the kept epoch on the validation split (SELECTIONS): "rsum" (sum of R@1/5/10 both ways),
+    # "mean-rank" (mean rank of the true partner, both ways; finer on small validation splits) or "mean-rank-1se"
+    # (the latest epoch within one standard error of the lowest mean rank; fit-up's default).
     select: str = "rsum"
     device: str = "cpu"
     tensorboard: bool = True  # also mirror metrics.jsonl into RUN/tb/ event files
@@ -182,10 +183,12 @@ class RandomState:
 # ---- choosing the kept epoch -------------------------------------------------------------------------------------
 # How every trainer (fit-up, fit-al, fit-base) chooses the weights it keeps, by TrainConfig.select; recorded with
 # each stage.
-SELECTIONS = ("mean-rank", "rsum")
+SELECTIONS = ("mean-rank-1se", "mean-rank", "rsum")
 SELECTION_RULES = {
     "rsum": "best validation rsum (R@1 + R@5 + R@10, both directions, on the held-out anchors)",
     "mean-rank": "lowest validation mean rank of the true partner (mean of both directions, on the held-out anchors)",
+    "mean-rank-1se": "the latest epoch whose validation mean rank of the true partner (mean of both directions, on "
+                     "the held-out anchors) is within one standard error of the lowest",
 }
 
 
@@ -199,6 +202,8 @@ def add_selection_scores(metrics: dict) -> dict:
     directions = [m for m in metrics.values() if isinstance(m, dict)]
     metrics["rsum"] = sum(m[k] for m in directions for k in ("R@1", "R@5", "R@10"))
     metrics["mean_rank"] = float(np.mean([m["mean_rank"] for m in directions]))
+    # The mean of the directions' means, their errors taken as independent.
+    metrics["mean_rank_se"] = float(np.sqrt(sum(m["mean_rank_se"] ** 2 for m in directions)) / len(directions))
     return metrics
 
 
@@ -206,24 +211,42 @@ def selection_score(val: dict, select: str, epoch: int) -> float:
     """Higher is better. Without validation the last epoch wins."""
     if not val:
         return float(epoch)
-    if select == "mean-rank":
+    if select in ("mean-rank", "mean-rank-1se"):
         return -val["mean_rank"]
     if select == "rsum":
         return val["rsum"]
     raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
 
 
+def selection_tolerance(val: dict, select: str) -> float | None:
+    """How far below the best score a later epoch's may fall and still be kept: under ``mean-rank-1se`` one standard
+    error of the validation mean rank (so ties keep the later epoch); None under the other rules, where a later
+    epoch must beat the best. On a small validation split neighbouring epochs' mean ranks differ by less than their
+    noise; the rule then keeps the end of the schedule, and an earlier epoch only when the split shows it better
+    beyond that noise (docs/training.md, model selection)."""
+    if select != "mean-rank-1se":
+        return None
+    return float(val["mean_rank_se"]) if val else 0.0
+
+
 @dataclass
 class BestEpoch:
-    """The best score seen so far and its epoch (0: none yet); a later epoch must beat it, not equal it."""
+    """The best score seen so far, with its tolerance (:func:`selection_tolerance`), and the kept epoch (0: none
+    yet). A later epoch is kept when it beats the best score, or, when the best has a tolerance, when it falls
+    short by no more than that; with none (None) it must beat the best, not equal it."""
 
     score: float = -math.inf
     epoch: int = 0
+    tolerance: float | None = None
 
-    def offer(self, score: float, epoch: int) -> bool:
-        """Keep ``epoch`` if ``score`` beats the best so far; True when it does (its weights are to be saved)."""
+    def offer(self, score: float, epoch: int, tolerance: float | None = None) -> bool:
+        """Keep ``epoch`` (of score ``score`` and tolerance ``tolerance``) if the rule says so; True when it does
+        (its weights are to be saved)."""
         if score > self.score:
-            self.score, self.epoch = score, epoch
+            self.score, self.tolerance, self.epoch = score, tolerance, epoch
+            return True
+        if self.tolerance is not None and score >= self.score - self.tolerance:
+            self.epoch = epoch
             return True
         return False
 
