@@ -69,7 +69,8 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
     assert len(metrics) == 3 and all("R@10" in m["val"]["image->text"] for m in metrics)
     config = json.loads((run / "config.json").read_text())
     assert (run / "model.safetensors").exists() and config["model"]["fusion"] == "attention"
-    # fit-up's defaults (docs/training.md): the UP with the pooled linear path, warm-up + cosine, mean-rank selection
+    # fit-up's defaults (docs/training.md): the UP with the pooled linear path, warm-up + cosine, the
+    # one-standard-error selection
     train = config["stages"][0]["train"]
     assert config["model"]["pooled_skip"] is True and config["model"]["token_dropout"] == 0.0
     assert (train["lr_schedule"], train["lr_warmup"], train["select"]) == ("cosine", 0.1, "mean-rank-1se")
