@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.training.defaults import FIT_UP_SCHEDULE, FIT_UP_TEMPERATURE
+from pipeline.training.defaults import FIT_UP_SCHEDULE, FIT_UP_TEMPERATURE, SELECTIONS
 from stores import DTYPES, OneEncoderError
 
 
@@ -477,7 +477,7 @@ def train_options(epochs: int, batch_size: int, lr_schedule: str = "constant", s
                      help="cosine: linear warm-up over --lr-warmup of the steps, then cosine to 0; constant: the "
                           "paper's"),
         click.option("--lr-warmup", default=0.1, show_default=True, help="fraction of the steps warming up (cosine)"),
-        click.option("--select", type=click.Choice(["mean-rank-1se", "mean-rank", "rsum"]), default=select,
+        click.option("--select", type=click.Choice(SELECTIONS), default=select,
                      show_default=True,
                      help="what picks the kept epoch on the validation split: the latest epoch within one standard "
                           "error of the lowest mean rank of the true partner (both ways), the lowest mean rank, or "

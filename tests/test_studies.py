@@ -32,8 +32,7 @@ def test_a_study_fit_records_held_out_recall_at_every_epoch_and_summarises(tmp_p
     for epoch in row["epochs"]:
         held_out = epoch["held_out"]
         assert 0 <= held_out["R@1"] <= held_out["R@5"] <= held_out["R@10"] <= 1 and held_out["mean_rank"] >= 1
-        # The fit's own validation pairs ranked among all 24 training items: more distractors, never a better rank
-        # (were the study's split not the fit's, its queries would be trained-on items, ranked near the top).
+        # The fit's own validation pairs ranked among all 24 training items: more distractors, never a better rank.
         assert epoch["val_mean_rank"] <= held_out["val_gallery_mean_rank"] <= 24
     # The running averages of the epoch-end weights start at their epoch (one sample: the epoch's own weights).
     metrics = ("R@1", "R@5", "R@10", "mean_rank")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.embed import embed_store
-from pipeline.evaluation.metrics import bidirectional_retrieval
+from pipeline.evaluation.metrics import bidirectional_retrieval, retrieval_metrics
 from pipeline.training import fit as fit_module
 from pipeline.training.defaults import FIT_UP_SCHEDULE
 from pipeline.training.fit import LossConfig, TrainConfig, fit_up
@@ -150,18 +150,17 @@ class GalleryValidation:
         pairs = pair_stores(images, texts, absent="drop")
         self.all = pairs.relevance()
         _, val = split_by_anchor(pairs, val_fraction, seed)
-        self.val_image, self.val_text = val.anchor, val.partner
+        # Each validation pair's image and caption, as rows of the embeddings of every item.
+        self.rows = np.searchsorted(self.all.anchors, val.anchor)
+        self.cols = np.searchsorted(self.all.partners, val.partner)
 
     def __call__(self, model: torch.nn.Module) -> float:
-        a = torch.nn.functional.normalize(embed_store(model, "image", self.images, self.all.anchors), dim=-1)
-        b = torch.nn.functional.normalize(embed_store(model, "text", self.texts, self.all.partners), dim=-1)
-        rows = torch.as_tensor(np.searchsorted(self.all.anchors, self.val_image))
-        cols = torch.as_tensor(np.searchsorted(self.all.partners, self.val_text))
-        sims = b @ a.T  # [texts, images]
-        true = sims[cols, rows]
-        text_to_image = 1 + (sims[cols] > true[:, None]).sum(1).float()
-        image_to_text = 1 + (sims[:, rows] > true[None, :]).sum(0).float()
-        return float((text_to_image.mean() + image_to_text.mean()) / 2)
+        a = embed_store(model, "image", self.images, self.all.anchors)
+        b = embed_store(model, "text", self.texts, self.all.partners)
+        queries = np.arange(len(self.rows))  # query k is validation pair k
+        image_to_text = retrieval_metrics(a[torch.as_tensor(self.rows)], b, queries, self.cols)
+        text_to_image = retrieval_metrics(b[torch.as_tensor(self.cols)], a, queries, self.rows)
+        return (image_to_text["mean_rank"] + text_to_image["mean_rank"]) / 2
 
 
 @contextlib.contextmanager

@@ -249,8 +249,7 @@ class _EndToEnd:
                             train.device, train.batch_size)
             record = {"stage": STAGE, "epoch": epoch, "loss": loss, "temperature": self.loss_fn.temperature,
                       "steps": steps_per_epoch, "seconds": training.seconds_since(started), "val": val}
-            if best.offer(training.selection_score(val, train.select, epoch), epoch,  # as run_stage
-                          training.selection_tolerance(val, train.select)):
+            if best.offer_validation(val, train.select, epoch):  # as run_stage
                 record["saved"] = True
                 _save_encoders(self.image_enc, self.text_enc, folders)
                 run.save_model(self.model, self.loss_fn)

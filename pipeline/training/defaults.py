@@ -14,3 +14,7 @@ FIT_UP_SCHEDULE = {"epochs": 10, "lr_schedule": "cosine", "select": "mean-rank-1
 # (0.0701 -> 0.0694 over a 10-epoch run): the initial value is in effect the temperature. CLIP's 0.07 suits
 # batches of 32k; on small sets a softer one retrieves better, for the UP and the linear head alike.
 FIT_UP_TEMPERATURE = 0.1
+
+# The rules that pick the kept epoch (TrainConfig.select; their wording in pipeline.training.loop.SELECTION_RULES),
+# here so the command line offers the same names without loading torch.
+SELECTIONS = ("mean-rank-1se", "mean-rank", "rsum")

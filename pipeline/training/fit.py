@@ -46,8 +46,6 @@ from pipeline.training.loop import (
     retrieval_parts,
     seconds_since,
     selection_rule,
-    selection_score,
-    selection_tolerance,
     train_epoch,
 )
 from pipeline.training.pairs import (
@@ -502,9 +500,7 @@ def _close_epoch(run: RunDir, model: nn.Module, step: FitStep, stage: Stage, rec
     append its metrics and write its checkpoint."""
     loss_fn = step.loss_fn
     main = distributed.is_main()
-    select = stage.train.select
-    if best.offer(selection_score(record["val"], select, record["epoch"]), record["epoch"],
-                  selection_tolerance(record["val"], select)):
+    if best.offer_validation(record["val"], stage.train.select, record["epoch"]):
         record["saved"] = True
         if main:
             run.save_model(model, loss_fn)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from pipeline.training.defaults import SELECTIONS
 from stores import OneEncoderError
 
 Batch = TypeVar("Batch")
@@ -183,7 +184,6 @@ class RandomState:
 # ---- choosing the kept epoch -------------------------------------------------------------------------------------
 # How every trainer (fit-up, fit-al, fit-base) chooses the weights it keeps, by TrainConfig.select; recorded with
 # each stage.
-SELECTIONS = ("mean-rank-1se", "mean-rank", "rsum")
 SELECTION_RULES = {
     "rsum": "best validation rsum (R@1 + R@5 + R@10, both directions, on the held-out anchors)",
     "mean-rank": "lowest validation mean rank of the true partner (mean of both directions, on the held-out anchors)",
@@ -198,7 +198,8 @@ def selection_rule(select: str) -> str:
 
 
 def add_selection_scores(metrics: dict) -> dict:
-    """Add the scores :func:`selection_score` reads (``rsum``, ``mean_rank``) to validation retrieval metrics."""
+    """Add the scores :func:`selection_score` and :func:`selection_tolerance` read (``rsum``, ``mean_rank``,
+    ``mean_rank_se``) to validation retrieval metrics."""
     directions = [m for m in metrics.values() if isinstance(m, dict)]
     metrics["rsum"] = sum(m[k] for m in directions for k in ("R@1", "R@5", "R@10"))
     metrics["mean_rank"] = float(np.mean([m["mean_rank"] for m in directions]))
@@ -249,6 +250,10 @@ class BestEpoch:
             self.epoch = epoch
             return True
         return False
+
+    def offer_validation(self, val: dict, select: str, epoch: int) -> bool:
+        """:meth:`offer` an epoch by its validation metrics ``val`` under the rule ``select`` (SELECTIONS)."""
+        return self.offer(selection_score(val, select, epoch), epoch, selection_tolerance(val, select))
 
 
 # ---- what an epoch reports ---------------------------------------------------------------------------------------
