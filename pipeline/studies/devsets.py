@@ -9,6 +9,9 @@ Three sets, each split by item (seeded) into train and held-out manifests, one c
 - ``icons``: the Adwaita icon theme's full-colour icons (largest size per name); the caption is the icon name's words
   and its context (devices, places, mimetypes, ...).
 
+``--sets clipart-large`` builds a fourth, not built by default: ``clipart`` with up to 150 drawings per category
+(about 1,900 pairs), for how the heads compare with five times the data (docs/training.md, hypothesis 13).
+
 Usage: ``python -m pipeline.studies.devsets --out dev`` writes ``dev/<set>/{images/, image-train.jsonl, image-test.jsonl,
 text-train.jsonl, text-test.jsonl}``; then extract each manifest once with the real encoders (``--extract``).
 """
@@ -87,10 +90,12 @@ def icons(out: Path, count: int, rng: random.Random) -> list[tuple[str, Path, st
 
 
 SETS = {"clipart": (clipart, 30), "emoji": (emoji, 480), "icons": (icons, 480)}
+# Not built by default: about 2,000 pairs (up to 150 per category), for how the heads compare with 5x the data.
+LARGER_SETS = {"clipart-large": (clipart, 150)}
 
 
 def write_set(name: str, out: Path, held_out: float, seed: int) -> Path:
-    make, size = SETS[name]
+    make, size = {**SETS, **LARGER_SETS}[name]
     rng = random.Random(seed)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +127,7 @@ def extract(folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=[*SETS, *LARGER_SETS])
     parser.add_argument("--held-out", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extract", action="store_true", help="also extract every manifest with the real encoders")
