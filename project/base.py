@@ -73,6 +73,36 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / count
 
 
+FEATURE_POOLS = ("mean", "query")
+
+
+class FeaturePool(nn.Module):
+    """Pools a frozen encoder's real tokens ``x [B, L, D]`` into ``[B, D]``: ``mean`` (the masked mean, no
+    parameters) or ``query`` (attention pooling: the tokens weighted by ``softmax(x . q)``, one learned ``q [D]``).
+
+    The query starts at zero, so the weights start uniform and a ``query`` pool starts as the mean (drawing no
+    random numbers); training moves the weight toward the tokens that tell items apart, such as an object's cells
+    rather than the background around it. A row with no real token gives zeros either way.
+    """
+
+    def __init__(self, kind: str, dim: int) -> None:
+        super().__init__()
+        if kind not in FEATURE_POOLS:
+            raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {kind!r}")
+        self.kind = kind
+        if kind == "query":
+            self.query = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        if self.kind == "mean":
+            return masked_mean(x, mask)
+        x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        scores = (x @ self.query.to(x.dtype)).masked_fill(~mask, torch.finfo(x.dtype).min)
+        weights = torch.softmax(scores, dim=1) * mask.to(x.dtype)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+        return torch.einsum("bl,bld->bd", weights, x)
+
+
 def first_real_index(mask: Tensor) -> Tensor:
     """Index of the first True per row (argmax returns the first maximum), so left padding is handled too."""
     return mask.to(torch.int8).argmax(dim=1)

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from project.base import (
+    FEATURE_POOLS,
     ConfigMixin,
+    FeaturePool,
     Head,
     check_dropout,
     check_name,
@@ -52,6 +54,9 @@ class UPConfig(ConfigMixin):
     # A residual linear path: embedding = Linear_m(masked mean of the raw tokens) + gate * UP(...), gate starting
     # at 0, so training starts from a linear head and the UP adds what it can (docs/training.md). False: the paper.
     pooled_skip: bool = False
+    # With pooled_skip: how the linear path pools the raw tokens (project.base.FEATURE_POOLS): the masked mean, as
+    # the linear head does, or a learned query that starts as the mean (docs/training.md, hypothesis 14).
+    skip_pool: str = "mean"
     # Training-time token dropout (project.dropout.drop_tokens): each real token but the first is hidden from
     # both paths with this probability. 0 is the paper.
     token_dropout: float = 0.0
@@ -69,6 +74,10 @@ class UPConfig(ConfigMixin):
         check_dropout(self.up_drop, "up_drop")
         if self.up_drop and not self.pooled_skip:
             raise ValueError("up_drop drops the UP's branch beside the pooled linear path: it needs pooled_skip")
+        if self.skip_pool not in FEATURE_POOLS:
+            raise ValueError(f"skip_pool must be one of {FEATURE_POOLS}, got {self.skip_pool!r}")
+        if self.skip_pool != "mean" and not self.pooled_skip:
+            raise ValueError("skip_pool pools the raw tokens for the pooled linear path: it needs pooled_skip")
         if not self.gate_scale > 0:
             raise ValueError(f"gate_scale must be > 0, got {self.gate_scale}")
 
@@ -276,6 +285,7 @@ class OneEncoder(Head):
             # starts as exactly the linear head of that seed, so the two differ only by what the gated UP adds.
             self.skips = nn.ModuleDict({m: nn.Linear(d, c.width) for m, d in c.input_dims.items()})
             self.up_gate = nn.Parameter(torch.zeros(()))
+            self.skip_pools = nn.ModuleDict({m: FeaturePool(c.skip_pool, d) for m, d in c.input_dims.items()})
         self.adapters = nn.ModuleDict({m: _make_adapter(c, m) for m in c.input_dims})
         self.up = UniversalProjection(
             list(c.input_dims),
@@ -294,12 +304,12 @@ class OneEncoder(Head):
         out = self.up(modality, self.adapters[modality](tokens), mask)
         if self.config.pooled_skip:
             gate = self.config.gate_scale * self.up_gate
-            out = self.skips[modality](masked_mean(tokens, mask)) + gate * drop_path(
+            out = self.skips[modality](self.skip_pools[modality](tokens, mask)) + gate * drop_path(
                 out, self.config.up_drop, self.training)
         return out
 
     def _modality_prefixes(self, modality: str) -> tuple[str, ...]:
-        skip = (f"skips.{modality}",) if self.config.pooled_skip else ()
+        skip = (f"skips.{modality}", f"skip_pools.{modality}") if self.config.pooled_skip else ()
         return (f"adapters.{modality}", f"up.modality_tokens.{modality}", *skip)
 
     def _build_modality(self, config: UPConfig, name: str, device: torch.device) -> None:
@@ -307,3 +317,4 @@ class OneEncoder(Head):
         self.up.add_modality_token(name, device=device)
         if config.pooled_skip:
             self.skips[name] = nn.Linear(config.input_dims[name], config.width).to(device)
+            self.skip_pools[name] = FeaturePool(config.skip_pool, config.input_dims[name]).to(device)

@@ -19,6 +19,7 @@ from project import (
     UPConfig,
     build_head,
 )
+from project.base import FeaturePool, masked_mean
 from project.dropout import drop_tokens
 
 D_IMG, D_TXT = 12, 7
@@ -393,6 +394,50 @@ def test_gate_scale_multiplies_how_far_an_adamw_step_moves_the_gate() -> None:
     assert UPConfig.from_dict(saved).gate_scale == 1.0
     with pytest.raises(ValueError, match="gate_scale must be > 0"):
         UPConfig({"image": D_IMG}, pooled_skip=True, gate_scale=0.0)
+
+
+def test_a_query_pool_starts_as_the_masked_mean_and_learns_where_to_look() -> None:
+    tokens = torch.randn(3, 5, D_IMG)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [0] * 5], dtype=torch.bool)
+    pool = FeaturePool("query", D_IMG)
+    assert torch.allclose(pool(tokens, mask), masked_mean(tokens, mask), atol=1e-6)  # zero query: uniform weights
+    assert torch.equal(pool(tokens, mask)[2], torch.zeros(D_IMG))  # no real token: zeros, as the mean gives
+    with torch.no_grad():
+        pool.query.copy_(100 * tokens[1, 3])  # a query aligned with one token
+    assert torch.allclose(pool(tokens, mask)[1], tokens[1, 3], atol=1e-4)
+    padded = tokens.clone()
+    padded[0, 3:] = float("inf")  # padding never counts, whatever it holds
+    assert torch.equal(pool(padded, mask)[0], pool(tokens, mask)[0])
+    assert not list(FeaturePool("mean", D_IMG).parameters())  # the mean pool adds nothing to a checkpoint
+    with pytest.raises(ValueError, match="pool must be one of"):
+        FeaturePool("max", D_IMG)
+
+
+def test_a_query_pooled_linear_path_starts_as_the_linear_head_and_trains_its_query() -> None:
+    dims = {"image": D_IMG, "text": D_TXT}
+    tokens, mask = torch.randn(3, 5, D_IMG), torch.ones(3, 5, dtype=torch.bool)
+    torch.manual_seed(7)
+    linear = build_head("linear", HEADS["linear"].config_class(dims, width=32))
+    torch.manual_seed(7)
+    model = OneEncoder.from_config(UPConfig(dims, width=32, blocks=1, pooled_skip=True, skip_pool="query"))
+    out = model.encode("image", tokens, mask)
+    assert torch.allclose(out, linear.encode("image", tokens, mask), atol=1e-6)
+    F.normalize(out, dim=-1)[:, 0].sum().backward()
+    assert float(model.skip_pools["image"].query.grad.abs().sum()) > 0
+    # --head linear with the same pool: its own query, trained the same way
+    torch.manual_seed(7)
+    pooled = build_head("linear", HEADS["linear"].config_class(dims, width=32, pool="query"))
+    assert torch.allclose(pooled.encode("image", tokens, mask), out, atol=1e-6)
+    assert "adapters.image.pool.query" in dict(pooled.named_parameters())
+    model.add_modality("audio", 6)
+    trainable = model.freeze_for_alignment("audio")
+    assert "skip_pools.audio.query" in trainable and "skip_pools.image.query" not in trainable
+    rebuilt = OneEncoder.from_config(UPConfig.from_dict(model.config.to_dict()))
+    rebuilt.load_state_dict(model.state_dict())  # strict: the saved config rebuilds the query pools
+    with pytest.raises(ValueError, match="skip_pool must be one of"):
+        UPConfig(dims, pooled_skip=True, skip_pool="max")
+    with pytest.raises(ValueError, match="needs pooled_skip"):
+        UPConfig(dims, skip_pool="query")
 
 
 # ---------------------------------------------------------------- token dropout (docs/training.md)

@@ -105,6 +105,12 @@ CONFIGS.update({f"default-gs{scale}": {**CONFIGS["default"], "head_options": {"g
                 for scale in (10, 30, 100)})
 
 
+# Hypothesis 14: the linear path pools the raw tokens through a learned query (UPConfig.skip_pool), and the same pool
+# in the linear head (LinearConfig.pool) to tell the pool's share from the UP's.
+CONFIGS["default-qp"] = {**CONFIGS["default"], "head_options": {"skip_pool": "query"}}
+CONFIGS["linear-qp"] = {**CONFIGS["linear-default"], "head_options": {"pool": "query"}}
+
+
 def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore) -> dict:
     relevance = pair_stores(images, texts).relevance()
     a = embed_store(model, "image", images, relevance.anchors)
