@@ -97,9 +97,10 @@ class FeaturePool(nn.Module):
         if self.kind == "mean":
             return masked_mean(x, mask)
         x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-        scores = (x @ self.query.to(x.dtype)).masked_fill(~mask, torch.finfo(x.dtype).min)
-        weights = torch.softmax(scores, dim=1) * mask.to(x.dtype)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+        scores = x @ self.query.to(x.dtype)  # under autocast: a lower precision than x
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=1) * mask.to(scores.dtype)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
         return torch.einsum("bl,bld->bd", weights, x)
 
 

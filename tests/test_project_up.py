@@ -409,6 +409,10 @@ def test_a_query_pool_starts_as_the_masked_mean_and_learns_where_to_look() -> No
     padded[0, 3:] = float("inf")  # padding never counts, whatever it holds
     assert torch.equal(pool(padded, mask)[0], pool(tokens, mask)[0])
     assert not list(FeaturePool("mean", D_IMG).parameters())  # the mean pool adds nothing to a checkpoint
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # --precision bf16: the scores are bf16, the tokens not
+        low = pool(tokens, mask)
+    assert torch.equal(low[2].float(), torch.zeros(D_IMG))
+    assert torch.allclose(low[:2].float(), pool(tokens, mask)[:2], atol=0.05)
     with pytest.raises(ValueError, match="pool must be one of"):
         FeaturePool("max", D_IMG)
 
