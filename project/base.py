@@ -76,6 +76,11 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 FEATURE_POOLS = ("mean", "query")
 
 
+def check_feature_pool(kind: str, name: str = "pool") -> None:
+    if kind not in FEATURE_POOLS:
+        raise ValueError(f"{name} must be one of {FEATURE_POOLS}, got {kind!r}")
+
+
 class FeaturePool(nn.Module):
     """Pools a frozen encoder's real tokens ``x [B, L, D]`` into ``[B, D]``: ``mean`` (the masked mean, no
     parameters) or ``query`` (attention pooling: the tokens weighted by ``softmax(x . q)``, one learned ``q [D]``).
@@ -87,8 +92,7 @@ class FeaturePool(nn.Module):
 
     def __init__(self, kind: str, dim: int) -> None:
         super().__init__()
-        if kind not in FEATURE_POOLS:
-            raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {kind!r}")
+        check_feature_pool(kind)
         self.kind = kind
         if kind == "query":
             self.query = nn.Parameter(torch.zeros(dim))

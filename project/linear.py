@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from project.base import FEATURE_POOLS, ConfigMixin, FeaturePool, Head, normalise_modalities
+from project.base import ConfigMixin, FeaturePool, Head, check_feature_pool, normalise_modalities
 from project.up import make_adapter
 
 LINEAR_KINDS = ("linear", "mlp")  # "mlp": the reference-code AL stack on the pooled feature
@@ -22,7 +22,7 @@ LINEAR_KINDS = ("linear", "mlp")  # "mlp": the reference-code AL stack on the po
 @dataclass
 class LinearConfig(ConfigMixin):
     """``adapters``: modality -> ``linear`` (default, the baseline) or ``mlp``. ``pool``: how the tokens are pooled
-    (project.base.FEATURE_POOLS): the masked mean (the baseline) or a learned query that starts as the mean."""
+    (project.base.FeaturePool): the masked mean (the baseline) or a learned query that starts as the mean."""
 
     input_dims: dict[str, int]
     width: int = 256
@@ -35,8 +35,7 @@ class LinearConfig(ConfigMixin):
         )
         if self.width < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
-        if self.pool not in FEATURE_POOLS:
-            raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {self.pool!r}")
+        check_feature_pool(self.pool)
 
 
 class PooledAdapter(nn.Module):

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from project.base import (
-    FEATURE_POOLS,
     ConfigMixin,
     FeaturePool,
     Head,
     check_dropout,
+    check_feature_pool,
     check_name,
     first_real_index,
     masked_mean,
@@ -54,7 +54,7 @@ class UPConfig(ConfigMixin):
     # A residual linear path: embedding = Linear_m(masked mean of the raw tokens) + gate * UP(...), gate starting
     # at 0, so training starts from a linear head and the UP adds what it can (docs/training.md). False: the paper.
     pooled_skip: bool = False
-    # With pooled_skip: how the linear path pools the raw tokens (project.base.FEATURE_POOLS): the masked mean, as
+    # With pooled_skip: how the linear path pools the raw tokens (project.base.FeaturePool): the masked mean, as
     # the linear head does, or a learned query that starts as the mean (docs/training.md, hypothesis 14).
     skip_pool: str = "mean"
     # Training-time token dropout (project.dropout.drop_tokens): each real token but the first is hidden from
@@ -74,8 +74,7 @@ class UPConfig(ConfigMixin):
         check_dropout(self.up_drop, "up_drop")
         if self.up_drop and not self.pooled_skip:
             raise ValueError("up_drop drops the UP's branch beside the pooled linear path: it needs pooled_skip")
-        if self.skip_pool not in FEATURE_POOLS:
-            raise ValueError(f"skip_pool must be one of {FEATURE_POOLS}, got {self.skip_pool!r}")
+        check_feature_pool(self.skip_pool, "skip_pool")
         if self.skip_pool != "mean" and not self.pooled_skip:
             raise ValueError("skip_pool pools the raw tokens for the pooled linear path: it needs pooled_skip")
         if not self.gate_scale > 0:

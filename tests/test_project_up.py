@@ -396,7 +396,7 @@ def test_gate_scale_multiplies_how_far_an_adamw_step_moves_the_gate() -> None:
         UPConfig({"image": D_IMG}, pooled_skip=True, gate_scale=0.0)
 
 
-def test_a_query_pool_starts_as_the_masked_mean_and_learns_where_to_look() -> None:
+def test_a_query_pool_starts_as_the_masked_mean_and_weights_the_tokens_its_query_points_at() -> None:
     tokens = torch.randn(3, 5, D_IMG)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [0] * 5], dtype=torch.bool)
     pool = FeaturePool("query", D_IMG)

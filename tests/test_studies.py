@@ -11,10 +11,10 @@ from toy_stores import make_toy_pair
 
 from pipeline.embed import embed_store
 from pipeline.evaluation.metrics import bidirectional_retrieval
-from pipeline.studies.train_study import GalleryValidation, run_one, summarise, up_lr_scaled
+from pipeline.studies.train_study import GalleryValidation, held_out, run_one, summarise, up_lr_scaled
 from pipeline.training import fit as fit_module
 from pipeline.training.pairs import pair_stores
-from project import ContrastiveLoss, build_head
+from project import HEADS, ContrastiveLoss, build_head
 from stores import FeatureStore
 
 
@@ -27,6 +27,9 @@ def test_a_study_fit_records_held_out_recall_at_every_epoch_and_summarises(tmp_p
         text.rename(folder / f"text-{split}")
     row = run_one(tmp_path / "dev", "toy", "linear-cos", seed=0, epochs=2)
     assert [e["epoch"] for e in row["epochs"]] == [1, 2] and row["kept_epoch"] in (1, 2)
+    assert "branch_shut_r5" not in row["epochs"][0]["held_out"]  # a linear head has no UP branch to shut
+    up = run_one(tmp_path / "dev", "toy", "default", seed=0, epochs=1)
+    assert set(up["epochs"][0]["held_out"]["branch_shut_r5"]) == {"image", "text", "both"}
     own = run_one(tmp_path / "dev", "toy", "linear-cos-e10", seed=0)  # no --epochs: the config's own 10
     assert len(own["epochs"]) == 10
     for epoch in row["epochs"]:
@@ -72,3 +75,21 @@ def test_the_gallery_validation_with_every_pair_held_out_is_the_fits_own_mean_ra
     own = (metrics["i->t"]["mean_rank"] + metrics["t->i"]["mean_rank"]) / 2
     assert own > 1.5  # an untrained head: ranks spread, so a wrong pairing would show
     assert GalleryValidation(images, texts, val_fraction=1.0, seed=0)(model) == pytest.approx(own)
+
+
+def test_shutting_the_ups_branch_for_both_modalities_is_its_linear_path_alone_and_restores_the_gate(tmp_path):
+    image, text = make_toy_pair(tmp_path, n_images=24, captions=1, seed=0)
+    images, texts = FeatureStore.open(image), FeatureStore.open(text)
+    torch.manual_seed(0)
+    model = build_head("up", HEADS["up"].config_class({"image": images.dim, "text": texts.dim}, width=32, blocks=1,
+                                                      pooled_skip=True))
+    model.eval()
+    with torch.no_grad():
+        model.up_gate.fill_(0.5)
+    full = held_out(model, images, texts)
+    shut = held_out(model, images, texts, ("image", "text"))
+    assert float(model.up_gate) == 0.5 and held_out(model, images, texts) == full  # nothing left changed
+    with torch.no_grad():
+        model.up_gate.zero_()
+    assert shut == held_out(model, images, texts)  # the branch shut everywhere: the gate at 0
+    assert shut != full  # the branch counts on these stores, so the comparison can tell

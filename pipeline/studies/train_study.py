@@ -111,10 +111,33 @@ CONFIGS["default-qp"] = {**CONFIGS["default"], "head_options": {"skip_pool": "qu
 CONFIGS["linear-qp"] = {**CONFIGS["linear-default"], "head_options": {"pool": "query"}}
 
 
-def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore) -> dict:
+@contextlib.contextmanager
+def branch_shut(model: torch.nn.Module, shut: bool):
+    """Within (when ``shut``): the gate of a pooled-path UP is 0, so its branch adds nothing; restored after."""
+    if not shut:
+        yield
+        return
+    gate = model.up_gate.detach().clone()
+    with torch.no_grad():
+        model.up_gate.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            model.up_gate.copy_(gate)
+
+
+# Hypothesis 15: held-out R@5 with the UP's branch shut for these modalities' embeddings, every weight unchanged.
+BRANCH_SHUT = {"image": ("image",), "text": ("text",), "both": ("image", "text")}
+
+
+def held_out(model: torch.nn.Module, images: FeatureStore, texts: FeatureStore, shut: tuple[str, ...] = ()) -> dict:
+    """Held-out text->image recall; ``shut``: the modalities whose embeddings leave the UP's branch out."""
     relevance = pair_stores(images, texts).relevance()
-    a = embed_store(model, "image", images, relevance.anchors)
-    b = embed_store(model, "text", texts, relevance.partners)
+    with branch_shut(model, "image" in shut):
+        a = embed_store(model, "image", images, relevance.anchors)
+    with branch_shut(model, "text" in shut):
+        b = embed_store(model, "text", texts, relevance.partners)
     m = bidirectional_retrieval(a, b, relevance, "image", "text")["text->image"]
     return {"R@1": m["R@1"], "R@5": m["R@5"], "R@10": m["R@10"], "mean_rank": m["mean_rank"]}
 
@@ -204,7 +227,11 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
                                 train.val_fraction, seed)
 
     def monitor(epoch: int, model: torch.nn.Module) -> dict:
-        return {**averages(epoch, model), "val_gallery_mean_rank": gallery(model)}
+        out = {**averages(epoch, model), "val_gallery_mean_rank": gallery(model)}
+        if hasattr(model, "up_gate"):
+            out["branch_shut_r5"] = {name: held_out(model, test_images, test_texts, shut)["R@5"]
+                                     for name, shut in BRANCH_SHUT.items()}
+        return out
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale"), train.lr):
