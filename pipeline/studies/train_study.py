@@ -30,6 +30,8 @@ from pipeline.training import fit as fit_module
 from pipeline.training.defaults import FIT_UP_SCHEDULE
 from pipeline.training.fit import LossConfig, TrainConfig, fit_up
 from pipeline.training.pairs import pair_stores, split_by_anchor
+from pipeline.training.prefetch import token_batch
+from project.up import OneEncoder
 from stores import FeatureStore
 
 # The paper's settings: constant lr, rsum selection, UP without the skip. Each other config changes one thing.
@@ -109,6 +111,75 @@ CONFIGS.update({f"default-gs{scale}": {**CONFIGS["default"], "head_options": {"g
 # in the linear head (LinearConfig.pool) to tell the pool's share from the UP's.
 CONFIGS["default-qp"] = {**CONFIGS["default"], "head_options": {"skip_pool": "query"}}
 CONFIGS["linear-qp"] = {**CONFIGS["linear-default"], "head_options": {"pool": "query"}}
+
+
+# Hypothesis 16: each training image is read, per minibatch row, from itself or one of 4 augmented views extracted
+# beforehand (``devsets --views 4``), all equally likely; validation and held-out read the images themselves.
+CONFIGS["default-v4"] = {**CONFIGS["default"], "views": 4}
+CONFIGS["linear-v4"] = {**CONFIGS["linear-default"], "views": 4}
+
+
+# Hypothesis 17: the UP's branch for the captions only; images get the UP's linear path alone, in training and
+# evaluation (hypothesis 15 found the captions' branch carries the UP's gain).
+CONFIGS["default-caption-branch"] = {**CONFIGS["default"], "branch_for": ("text",)}
+
+
+@contextlib.contextmanager
+def branch_only_for(modalities: tuple[str, ...] | None):
+    """Within: a pooled-path UP's branch adds to the embeddings of ``modalities`` only; every other modality's
+    embedding is the UP's linear path alone, in training and evaluation (a study hypothesis, not a UP option).
+    None: the UP as it is."""
+    if modalities is None:
+        yield
+        return
+    original = OneEncoder._encode
+
+    def encode(self, modality, tokens, mask):
+        if modality in modalities:
+            return original(self, modality, tokens, mask)
+        return self.skips[modality](self.skip_pools[modality](tokens, mask))
+
+    OneEncoder._encode = encode
+    try:
+        yield
+    finally:
+        OneEncoder._encode = original
+
+
+@contextlib.contextmanager
+def image_views(views: list[FeatureStore], seed: int):
+    """Within: fit-up's training minibatches read each image row from the image itself or one of ``views`` (stores
+    of augmented views with the same ids), drawn uniformly per row from a generator seeded by ``seed`` (a study
+    hypothesis, not a fit-up option); validation reads the images themselves."""
+    if not views:
+        yield
+        return
+    original = fit_module._rank_fetcher
+
+    def fetcher(stage, pin, holder=None):
+        fetch = original(stage, pin, holder)
+        ids = stage.anchor_store.ids
+        rows = [np.asarray([view._index.get(item_id, -1) for item_id in ids]) for view in views]
+        rng = np.random.default_rng(seed)
+
+        def with_views(pair: tuple) -> tuple:
+            (tokens, mask), partner = fetch(pair)
+            anchors = np.asarray(pair[0])
+            choice = rng.integers(0, len(views) + 1, size=len(anchors))
+            for k, view in enumerate(views, 1):
+                picked = np.nonzero((choice == k) & (rows[k - 1][anchors] >= 0))[0]
+                if len(picked):
+                    view_tokens, _ = token_batch(view, rows[k - 1][anchors[picked]])
+                    tokens[torch.from_numpy(picked)] = view_tokens.to(tokens.dtype)
+            return (tokens, mask), partner
+
+        return with_views
+
+    fit_module._rank_fetcher = fetcher
+    try:
+        yield
+    finally:
+        fit_module._rank_fetcher = original
 
 
 @contextlib.contextmanager
@@ -234,7 +305,9 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
         return out
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale"), train.lr):
+    views = [FeatureStore.open(folder / f"image-train-view{k}") for k in range(1, config.get("views", 0) + 1)]
+    with (tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale"), train.lr),
+          image_views(views, seed), branch_only_for(config.get("branch_for"))):
         options = dict(config["head_options"])
         fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
                blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,
