@@ -67,6 +67,10 @@ class UPConfig(ConfigMixin):
     # whatever its gradient, so in a run of tens of steps an unscaled gate starting at 0 stays near 0 and the UP
     # hardly contributes (docs/training.md, hypothesis 11); the scale is the gate's lr multiplier. 1: no scaling.
     gate_scale: float = 1.0
+    # A LayerNorm on each modality's raw tokens before its adapter (the UP's branch only; the linear path reads
+    # them raw), so 1280-wide image and 384-wide text tokens of any scale enter at one scale (docs/training.md,
+    # hypothesis 3). False: the paper.
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         check_transformer_config(self, ("width", "blocks", "heads", "ff_mult", "modality_tokens"))
@@ -286,6 +290,8 @@ class OneEncoder(Head):
             self.up_gate = nn.Parameter(torch.zeros(()))
             self.skip_pools = nn.ModuleDict({m: FeaturePool(c.skip_pool, d) for m, d in c.input_dims.items()})
         self.adapters = nn.ModuleDict({m: _make_adapter(c, m) for m in c.input_dims})
+        if c.input_norm:
+            self.input_norms = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in c.input_dims.items()})
         self.up = UniversalProjection(
             list(c.input_dims),
             width=c.width,
@@ -300,7 +306,8 @@ class OneEncoder(Head):
 
     def _encode(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
         mask = drop_tokens(mask, self.config.token_dropout, self.training)
-        out = self.up(modality, self.adapters[modality](tokens), mask)
+        branch_in = self.input_norms[modality](tokens) if self.config.input_norm else tokens
+        out = self.up(modality, self.adapters[modality](branch_in), mask)
         if self.config.pooled_skip:
             gate = self.config.gate_scale * self.up_gate
             out = self.skips[modality](self.skip_pools[modality](tokens, mask)) + gate * drop_path(
@@ -309,11 +316,14 @@ class OneEncoder(Head):
 
     def _modality_prefixes(self, modality: str) -> tuple[str, ...]:
         skip = (f"skips.{modality}", f"skip_pools.{modality}") if self.config.pooled_skip else ()
-        return (f"adapters.{modality}", f"up.modality_tokens.{modality}", *skip)
+        norm = (f"input_norms.{modality}",) if self.config.input_norm else ()
+        return (f"adapters.{modality}", f"up.modality_tokens.{modality}", *skip, *norm)
 
     def _build_modality(self, config: UPConfig, name: str, device: torch.device) -> None:
         self.adapters[name] = _make_adapter(config, name).to(device)
         self.up.add_modality_token(name, device=device)
+        if config.input_norm:
+            self.input_norms[name] = nn.LayerNorm(config.input_dims[name]).to(device)
         if config.pooled_skip:
             self.skips[name] = nn.Linear(config.input_dims[name], config.width).to(device)
             self.skip_pools[name] = FeaturePool(config.skip_pool, config.input_dims[name]).to(device)

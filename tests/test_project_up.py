@@ -417,13 +417,19 @@ def test_a_query_pool_starts_as_the_masked_mean_and_weights_the_tokens_its_query
         FeaturePool("max", D_IMG)
 
 
-def test_a_query_pooled_linear_path_starts_as_the_linear_head_and_trains_its_query() -> None:
+def _linear_head_and_pooled_up(**options) -> tuple[torch.nn.Module, OneEncoder]:
+    """The linear head and a pooled-path UP with ``options``, each built under the same seed (as fit-up builds)."""
     dims = {"image": D_IMG, "text": D_TXT}
-    tokens, mask = torch.randn(3, 5, D_IMG), torch.ones(3, 5, dtype=torch.bool)
     torch.manual_seed(7)
     linear = build_head("linear", HEADS["linear"].config_class(dims, width=32))
     torch.manual_seed(7)
-    model = OneEncoder.from_config(UPConfig(dims, width=32, blocks=1, pooled_skip=True, skip_pool="query"))
+    return linear, OneEncoder.from_config(UPConfig(dims, width=32, blocks=1, pooled_skip=True, **options))
+
+
+def test_a_query_pooled_linear_path_starts_as_the_linear_head_and_trains_its_query() -> None:
+    dims = {"image": D_IMG, "text": D_TXT}
+    tokens, mask = torch.randn(3, 5, D_IMG), torch.ones(3, 5, dtype=torch.bool)
+    linear, model = _linear_head_and_pooled_up(skip_pool="query")
     out = model.encode("image", tokens, mask)
     assert torch.allclose(out, linear.encode("image", tokens, mask), atol=1e-6)
     F.normalize(out, dim=-1)[:, 0].sum().backward()
@@ -442,6 +448,32 @@ def test_a_query_pooled_linear_path_starts_as_the_linear_head_and_trains_its_que
         UPConfig(dims, pooled_skip=True, skip_pool="max")
     with pytest.raises(ValueError, match="needs pooled_skip"):
         UPConfig(dims, skip_pool="query")
+
+
+def test_an_input_norm_puts_the_branchs_tokens_at_one_scale_and_leaves_the_linear_path_raw() -> None:
+    dims = {"image": D_IMG, "text": D_TXT}
+    tokens, mask = torch.randn(3, 5, D_IMG), torch.ones(3, 5, dtype=torch.bool)
+    linear, model = _linear_head_and_pooled_up(input_norm=True)
+    model.eval()
+    assert torch.equal(model.encode("image", tokens, mask), linear.encode("image", tokens, mask))  # same start
+    with torch.no_grad():
+        model.up_gate.fill_(1.0)
+        model.skips["image"].weight.zero_()
+        model.skips["image"].bias.zero_()  # the branch alone
+        branch = model.encode("image", tokens, mask)
+        # Each token scaled and shifted as a whole (an encoder of another scale): the branch reads the same.
+        assert torch.allclose(model.encode("image", 40 * tokens + 3, mask), branch, atol=1e-3)  # up to LayerNorm's eps
+        plain = OneEncoder.from_config(UPConfig(dims, width=32, blocks=1, pooled_skip=True)).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("input_norms.")})
+        assert not torch.allclose(plain.encode("image", 40 * tokens + 3, mask), plain.encode("image", tokens, mask))
+    model.add_modality("audio", 6)
+    trainable = model.freeze_for_alignment("audio")
+    assert "input_norms.audio.weight" in trainable and "input_norms.image.weight" not in trainable
+    rebuilt = OneEncoder.from_config(UPConfig.from_dict(model.config.to_dict()))
+    rebuilt.load_state_dict(model.state_dict())  # strict: the saved config rebuilds the norms
+    saved = UPConfig(dims).to_dict()
+    del saved["input_norm"]
+    assert UPConfig.from_dict(saved).input_norm is False  # a config saved before the option: the paper's UP
 
 
 # ---------------------------------------------------------------- token dropout (docs/training.md)

@@ -113,6 +113,9 @@ CONFIGS["default-qp"] = {**CONFIGS["default"], "head_options": {"skip_pool": "qu
 CONFIGS["linear-qp"] = {**CONFIGS["linear-default"], "head_options": {"pool": "query"}}
 
 
+# Hypothesis 3: a LayerNorm on each modality's raw tokens before the UP's adapter (UPConfig.input_norm).
+CONFIGS["default-in"] = {**CONFIGS["default"], "head_options": {"input_norm": True}}
+
 # Hypothesis 16: each training image is read, per minibatch row, from itself or one of 4 augmented views extracted
 # beforehand (``devsets --views 4``), all equally likely; validation and held-out read the images themselves.
 CONFIGS["default-v4"] = {**CONFIGS["default"], "views": 4}
