@@ -31,6 +31,10 @@ import subprocess
 import sys
 import unicodedata
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 CLIPART_ROOT = Path("/usr/share/openclipart/png")
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -118,7 +122,7 @@ def write_set(name: str, out: Path, held_out: float, seed: int) -> Path:
     return folder
 
 
-def augmented_view(path: Path, rng: random.Random):
+def augmented_view(path: Path, rng: random.Random) -> Image.Image:
     """One augmented view of an image: a random crop (50-100 % of the area, aspect 3/4-4/3), mirrored half of the
     time, as the extraction would read it (RGB, alpha on white)."""
     from PIL import ImageOps
