@@ -113,6 +113,10 @@ CONFIGS["default-qp"] = {**CONFIGS["default"], "head_options": {"skip_pool": "qu
 CONFIGS["linear-qp"] = {**CONFIGS["linear-default"], "head_options": {"pool": "query"}}
 
 
+# Hypothesis 1, width: the UP (and, for the same start, the linear head) at width 128 instead of 256.
+CONFIGS["default-w128"] = {**CONFIGS["default"], "width": 128}
+CONFIGS["linear-w128"] = {**CONFIGS["linear-default"], "width": 128}
+
 # Hypothesis 3: a LayerNorm on each modality's raw tokens before the UP's adapter (UPConfig.input_norm).
 CONFIGS["default-in"] = {**CONFIGS["default"], "head_options": {"input_norm": True}}
 
@@ -313,7 +317,7 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
           image_views(views, seed), branch_only_for(config.get("branch_for"))):
         options = dict(config["head_options"])
         fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
-               blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,
+               width=config.get("width", 256), blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,
                loss=loss, train=train,
                progress=False, on_epoch=monitor)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
