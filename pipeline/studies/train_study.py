@@ -113,9 +113,9 @@ CONFIGS["default-qp"] = {**CONFIGS["default"], "head_options": {"skip_pool": "qu
 CONFIGS["linear-qp"] = {**CONFIGS["linear-default"], "head_options": {"pool": "query"}}
 
 
-# Hypothesis 1, width: the UP (and, for the same start, the linear head) at width 128 instead of 256.
-CONFIGS["default-w128"] = {**CONFIGS["default"], "width": 128}
-CONFIGS["linear-w128"] = {**CONFIGS["linear-default"], "width": 128}
+# Hypothesis 1, width: the UP (and, for the same start, the linear head) at another width than 256.
+CONFIGS.update({f"{name}-w{width}": {**CONFIGS[base], "width": width}
+                for name, base in (("default", "default"), ("linear", "linear-default")) for width in (128, 512)})
 
 # Hypothesis 3: a LayerNorm on each modality's raw tokens before the UP's adapter (UPConfig.input_norm).
 CONFIGS["default-in"] = {**CONFIGS["default"], "head_options": {"input_norm": True}}
