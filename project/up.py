@@ -310,9 +310,13 @@ class OneEncoder(Head):
         out = self.up(modality, self.adapters[modality](branch_in), mask)
         if self.config.pooled_skip:
             gate = self.config.gate_scale * self.up_gate
-            out = self.skips[modality](self.skip_pools[modality](tokens, mask)) + gate * drop_path(
+            out = self.linear_path(modality, tokens, mask) + gate * drop_path(
                 out, self.config.up_drop, self.training)
         return out
+
+    def linear_path(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
+        """With ``pooled_skip``: the UP's pooled linear path alone (the embedding with the gate at 0)."""
+        return self.skips[modality](self.skip_pools[modality](tokens, mask))
 
     def _modality_prefixes(self, modality: str) -> tuple[str, ...]:
         skip = (f"skips.{modality}", f"skip_pools.{modality}") if self.config.pooled_skip else ()

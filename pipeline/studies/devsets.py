@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--views-only", action="store_true", help="write (and extract) only the views of sets "
                         "already built")
     args = parser.parse_args()
+    if args.views_only and not args.views:
+        parser.error("--views-only writes views: give their number with --views")
     for name in args.sets:
         folder = args.out / name if args.views_only else write_set(name, args.out, args.held_out, args.seed)
         if args.extract and not args.views_only:

@@ -144,7 +144,7 @@ def branch_only_for(modalities: tuple[str, ...] | None):
     def encode(self, modality, tokens, mask):
         if modality in modalities:
             return original(self, modality, tokens, mask)
-        return self.skips[modality](self.skip_pools[modality](tokens, mask))
+        return self.linear_path(modality, tokens, mask)
 
     OneEncoder._encode = encode
     try:
@@ -174,9 +174,10 @@ def image_views(views: list[FeatureStore], seed: int):
             anchors = np.asarray(pair[0])
             choice = rng.integers(0, len(views) + 1, size=len(anchors))
             for k, view in enumerate(views, 1):
-                picked = np.nonzero((choice == k) & (rows[k - 1][anchors] >= 0))[0]
+                view_rows = rows[k - 1][anchors]
+                picked = np.nonzero((choice == k) & (view_rows >= 0))[0]
                 if len(picked):
-                    view_tokens, _ = token_batch(view, rows[k - 1][anchors[picked]])
+                    view_tokens, _ = token_batch(view, view_rows[picked])
                     tokens[torch.from_numpy(picked)] = view_tokens.to(tokens.dtype)
             return (tokens, mask), partner
 
