@@ -17,11 +17,13 @@ from pipeline.studies.train_study import (
     branch_only_for,
     held_out,
     image_views,
+    linear_path_loss,
     run_one,
     summarise,
     up_lr_scaled,
 )
 from pipeline.training import fit as fit_module
+from pipeline.training.distributed import PairEncoder
 from pipeline.training.fit import Stage, TrainConfig
 from pipeline.training.pairs import pair_stores
 from project import HEADS, ContrastiveLoss, build_head
@@ -165,3 +167,34 @@ def test_a_caption_only_branch_leaves_images_on_the_linear_path_and_captions_on_
     assert torch.equal(caption_only["image"], linear_path) and not torch.allclose(caption_only["image"], full["image"])
     with torch.no_grad():
         assert torch.equal(model.encode("image", *batches["image"]), full["image"])  # the UP is itself again after
+
+
+@pytest.mark.parametrize("mode", ["joint", "detached"])
+def test_the_linear_path_loss_adds_the_paths_own_loss_and_detached_trains_the_path_by_it_alone(tmp_path, mode):
+    image, text = make_toy_pair(tmp_path, n_images=8, captions=1, seed=0)
+    images, texts = FeatureStore.open(image), FeatureStore.open(text)
+    torch.manual_seed(0)
+    model = build_head("up", HEADS["up"].config_class({"image": images.dim, "text": texts.dim}, width=32, blocks=1,
+                                                      dropout=0.0, pooled_skip=True)).train()
+    with torch.no_grad():
+        model.up_gate.fill_(0.5)
+    rows = torch.arange(8).numpy()
+    fetched = (images.get_batch(rows), texts.get_batch(rows))
+    loss_fn = ContrastiveLoss()
+    skip_weights = [model.skips[m].weight for m in ("image", "text")]
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, skip_weights, retain_graph=True))
+
+    full = loss_fn(model.encode("image", *fetched[0]), model.encode("text", *fetched[1]))
+    path = loss_fn(model.linear_path("image", *fetched[0]), model.linear_path("text", *fetched[1]))
+    original = fit_module.global_batch_loss
+    with linear_path_loss(mode):
+        total = fit_module.global_batch_loss(PairEncoder(model, "image", "text"), loss_fn, fetched, 8, "cpu")
+    assert fit_module.global_batch_loss is original
+    assert torch.allclose(total, full + path, atol=1e-5)
+    # detached: the UP's embedding reads the path without its gradient, so only the path's own loss trains it
+    expected = grads(path) if mode == "detached" else [f + p for f, p in zip(grads(full), grads(path), strict=True)]
+    for got, want in zip(grads(total), expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(grads(full)[1], grads(path)[1], atol=1e-6)  # the two losses train the path apart

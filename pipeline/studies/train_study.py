@@ -31,6 +31,7 @@ from pipeline.training.defaults import FIT_UP_SCHEDULE
 from pipeline.training.fit import LossConfig, TrainConfig, fit_up
 from pipeline.training.pairs import pair_stores, split_by_anchor
 from pipeline.training.prefetch import token_batch
+from project.dropout import drop_path, drop_tokens
 from project.up import OneEncoder
 from stores import FeatureStore
 
@@ -129,6 +130,45 @@ CONFIGS["linear-v4"] = {**CONFIGS["linear-default"], "views": 4}
 # Hypothesis 17: the UP's branch for the captions only; images get the UP's linear path alone, in training and
 # evaluation (hypothesis 15 found the captions' branch carries the UP's gain).
 CONFIGS["default-caption-branch"] = {**CONFIGS["default"], "branch_for": ("text",)}
+
+
+# Hypothesis 18: the UP's linear path trained to stand alone as well. "joint": the loss is the contrastive loss of
+# the UP's embeddings plus that of its linear path's; "detached": the same two losses, but the UP's embedding reads
+# the path without its gradient, so the path trains as the linear head does and the branch fits what it leaves.
+CONFIGS["default-path-joint"] = {**CONFIGS["default"], "path_loss": "joint"}
+CONFIGS["default-path-detached"] = {**CONFIGS["default"], "path_loss": "detached"}
+
+
+@contextlib.contextmanager
+def linear_path_loss(mode: str | None):
+    """Within: fit-up's training loss adds the contrastive loss of a pooled-path UP's linear path alone to that of
+    its embeddings (``mode`` "joint"), or does so with the embeddings reading the path without its gradient
+    ("detached"); evaluation is unchanged (a study hypothesis, not a fit-up option). None: fit-up as it is."""
+    if mode is None:
+        yield
+        return
+    original_encode, original_loss = OneEncoder._encode, fit_module.global_batch_loss
+
+    def encode(self, modality, tokens, mask):
+        mask = drop_tokens(mask, self.config.token_dropout, self.training)
+        branch = self.up(modality, self.adapters[modality](tokens), mask)
+        path = self.linear_path(modality, tokens, mask)
+        if self.training:
+            self.study_paths.append(path)
+        base = path.detach() if mode == "detached" and self.training else path
+        return base + self.config.gate_scale * self.up_gate * drop_path(branch, self.config.up_drop, self.training)
+
+    def loss(encode_pair, loss_fn, fetched, batch_len, device, precision="fp32"):
+        encode_pair.model.study_paths = []
+        total = original_loss(encode_pair, loss_fn, fetched, batch_len, device, precision)
+        a_path, b_path = encode_pair.model.study_paths
+        return total + loss_fn(a_path.float(), b_path.float())
+
+    OneEncoder._encode, fit_module.global_batch_loss = encode, loss
+    try:
+        yield
+    finally:
+        OneEncoder._encode, fit_module.global_batch_loss = original_encode, original_loss
 
 
 @contextlib.contextmanager
@@ -315,7 +355,8 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
     started = time.perf_counter()
     views = [FeatureStore.open(folder / f"image-train-view{k}") for k in range(1, config.get("views", 0) + 1)]
     with (tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale"), train.lr),
-          image_views(views, seed), branch_only_for(config.get("branch_for"))):
+          image_views(views, seed), branch_only_for(config.get("branch_for")),
+          linear_path_loss(config.get("path_loss"))):
         options = dict(config["head_options"])
         fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
                width=config.get("width", 256), blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,
