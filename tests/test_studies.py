@@ -42,6 +42,9 @@ def test_a_study_fit_records_held_out_recall_at_every_epoch_and_summarises(tmp_p
     assert "branch_shut_r5" not in row["epochs"][0]["held_out"]  # a linear head has no UP branch to shut
     up = run_one(tmp_path / "dev", "toy", "default", seed=0, epochs=1)
     assert set(up["epochs"][0]["held_out"]["branch_shut_r5"]) == {"image", "text", "both"}
+    # the running weight averages copy the model from epoch 3: a path-loss fit leaves nothing on it that cannot copy
+    path_loss = run_one(tmp_path / "dev", "toy", "default-path-detached", seed=0, epochs=3)
+    assert "avg_from_3" in path_loss["epochs"][2]["held_out"]
     own = run_one(tmp_path / "dev", "toy", "linear-cos-e10", seed=0)  # no --epochs: the config's own 10
     assert len(own["epochs"]) == 10
     for epoch in row["epochs"]:

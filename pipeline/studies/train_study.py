@@ -148,20 +148,22 @@ def linear_path_loss(mode: str | None):
         yield
         return
     original_encode, original_loss = OneEncoder._encode, fit_module.global_batch_loss
+    paths: list[torch.Tensor] = []  # the training batch's linear-path embeddings, anchor side first
 
     def encode(self, modality, tokens, mask):
         mask = drop_tokens(mask, self.config.token_dropout, self.training)
         branch = self.up(modality, self.adapters[modality](tokens), mask)
         path = self.linear_path(modality, tokens, mask)
         if self.training:
-            self.study_paths.append(path)
+            paths.append(path)
         base = path.detach() if mode == "detached" and self.training else path
         return base + self.config.gate_scale * self.up_gate * drop_path(branch, self.config.up_drop, self.training)
 
     def loss(encode_pair, loss_fn, fetched, batch_len, device, precision="fp32"):
-        encode_pair.model.study_paths = []
+        paths.clear()
         total = original_loss(encode_pair, loss_fn, fetched, batch_len, device, precision)
-        a_path, b_path = encode_pair.model.study_paths
+        a_path, b_path = paths
+        paths.clear()
         return total + loss_fn(a_path.float(), b_path.float())
 
     OneEncoder._encode, fit_module.global_batch_loss = encode, loss
