@@ -577,6 +577,10 @@ def _training_options(command: str, options: dict, recorded: dict | None) -> tup
 @click.option("--up-drop", default=0.0, show_default=True,
               help="UP with --pooled-skip: in training, drop the UP's whole branch for each item with this "
                    "probability (stochastic depth), so the linear path also learns to stand alone")
+@click.option("--path-loss", type=click.Choice(["shared", "own"]), default="shared", show_default=True,
+              help="UP with --pooled-skip: what trains the linear path. shared: the UP's loss, path and branch "
+                   "together; own: a contrastive loss of its own, so the path trains exactly as --head linear does "
+                   "under the same seed and the UP's branch fits what that leaves (docs/training.md, hypothesis 18)")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="GRID.json: train its configurations as one job reading each batch once, one run per "

@@ -171,6 +171,18 @@ class Head(nn.Module):
         tokens, mask = prepare_tokens(tokens, mask, self.config.input_dims[modality], modality)
         return self._encode(modality, tokens, mask)
 
+    def training_embeddings(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The embeddings a contrastive loss trains on, as :meth:`encode` takes its inputs: ``encode``'s own
+        first, then any of the head's parts that learn from a loss of their own (each paired with the same part of
+        the other modality's), e.g. the UP's linear path with ``path_loss="own"``. Most heads: ``encode``'s alone."""
+        if modality not in self.config.input_dims:
+            raise KeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        tokens, mask = prepare_tokens(tokens, mask, self.config.input_dims[modality], modality)
+        return self._training_embeddings(modality, tokens, mask)
+
+    def _training_embeddings(self, modality: str, tokens: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        return (self._encode(modality, tokens, mask),)
+
     def forward(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.encode(modality, tokens, mask)
 

@@ -34,6 +34,11 @@ FUSIONS = ("add", "attention", "concat")
 POOLS = ("mean", "token")
 # "projection" is the step-1 per-encoder adapter; "linear" / "mlp" are step-2 Alignment Layers.
 ADAPTER_KINDS = ("projection", "linear", "mlp")
+# With pooled_skip, what trains the linear path (UPConfig.path_loss): "shared", the loss of the UP's embedding,
+# which the path and the branch fit together; "own", a contrastive loss of the path's embeddings alone, with the
+# UP's embedding reading the path without its gradient, so the path trains exactly as ``--head linear`` does under
+# the same seed and the branch fits only what that linear head leaves (docs/training.md, hypothesis 18).
+PATH_LOSSES = ("shared", "own")
 
 
 @dataclass
@@ -71,6 +76,8 @@ class UPConfig(ConfigMixin):
     # them raw), so 1280-wide image and 384-wide text tokens of any scale enter at one scale (docs/training.md,
     # hypothesis 3). False: the paper.
     input_norm: bool = False
+    # With pooled_skip: what trains the linear path (PATH_LOSSES). "shared" is how runs saved before it trained.
+    path_loss: str = "shared"
 
     def __post_init__(self) -> None:
         check_transformer_config(self, ("width", "blocks", "heads", "ff_mult", "modality_tokens"))
@@ -83,6 +90,10 @@ class UPConfig(ConfigMixin):
             raise ValueError("skip_pool pools the raw tokens for the pooled linear path: it needs pooled_skip")
         if not self.gate_scale > 0:
             raise ValueError(f"gate_scale must be > 0, got {self.gate_scale}")
+        if self.path_loss not in PATH_LOSSES:
+            raise ValueError(f"path_loss must be one of {PATH_LOSSES}, got {self.path_loss!r}")
+        if self.path_loss != "shared" and not self.pooled_skip:
+            raise ValueError("path_loss trains the pooled linear path: it needs pooled_skip")
 
 
 def check_transformer_config(config, positive: tuple[str, ...]) -> None:
@@ -305,14 +316,19 @@ class OneEncoder(Head):
         )
 
     def _encode(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
+        return self._training_embeddings(modality, tokens, mask)[0]
+
+    def _training_embeddings(self, modality: str, tokens: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
         mask = drop_tokens(mask, self.config.token_dropout, self.training)
         branch_in = self.input_norms[modality](tokens) if self.config.input_norm else tokens
         out = self.up(modality, self.adapters[modality](branch_in), mask)
-        if self.config.pooled_skip:
-            gate = self.config.gate_scale * self.up_gate
-            out = self.linear_path(modality, tokens, mask) + gate * drop_path(
-                out, self.config.up_drop, self.training)
-        return out
+        if not self.config.pooled_skip:
+            return (out,)
+        gated = self.config.gate_scale * self.up_gate * drop_path(out, self.config.up_drop, self.training)
+        path = self.linear_path(modality, tokens, mask)
+        if self.config.path_loss == "own" and self.training:
+            return path.detach() + gated, path
+        return (path + gated,)
 
     def linear_path(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
         """With ``pooled_skip``: the UP's pooled linear path alone (the embedding with the gate at 0)."""

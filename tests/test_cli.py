@@ -73,6 +73,7 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
     # one-standard-error selection
     train = config["stages"][0]["train"]
     assert config["model"]["pooled_skip"] is True and config["model"]["token_dropout"] == 0.0
+    assert config["model"]["path_loss"] == "shared"  # the path trains with the UP's loss (hypothesis 18)
     assert (train["lr_schedule"], train["lr_warmup"], train["select"]) == ("cosine", 0.1, "mean-rank-1se")
     # ... and the initial temperature, from the same table as the API's (hypothesis 6)
     assert config["loss"]["init_temperature"] == FIT_UP_TEMPERATURE
@@ -87,6 +88,10 @@ def test_fit_up_and_evaluate_through_the_cli(extracted, tmp_path, tiny_text_mode
                   tmp_path / "refused", "--no-pooled-skip", "--up-drop", 0.5, ok=False)
     assert refused.returncode == 1 and "up_drop" in refused.stderr and "needs pooled_skip" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
+    refused = cli("fit-up", "--image-store", extracted["image"], "--text-store", extracted["text"], "--out",
+                  tmp_path / "refused", "--no-pooled-skip", "--path-loss", "own", ok=False)
+    assert refused.returncode == 1 and "path_loss" in refused.stderr and "needs pooled_skip" in refused.stderr
+    assert not (tmp_path / "refused").exists()
     resumed = cli("fit-up", "--image-store", extracted["image"], "--text-store", extracted["text"], "--out", run,
                   "--epochs", 4, "--batch-size", 16, "--resume")
     assert "epoch   4" in resumed.stdout and "epoch   3" not in resumed.stdout

@@ -531,3 +531,26 @@ def test_up_drop_drops_the_whole_up_branch_per_item_in_training_only() -> None:
     assert torch.equal(model.encode("image", tokens, mask), plain.encode("image", tokens, mask))  # eval: identity
     with pytest.raises(ValueError, match="needs pooled_skip"):
         UPConfig({"image": D_IMG}, up_drop=0.5)
+
+
+def test_a_path_loss_of_its_own_adds_the_paths_embedding_in_training_and_changes_no_embedding() -> None:
+    tokens, mask = torch.randn(3, 5, D_IMG), torch.ones(3, 5, dtype=torch.bool)
+    _, shared = _linear_head_and_pooled_up(dropout=0.0)
+    _, own = _linear_head_and_pooled_up(dropout=0.0, path_loss="own")
+    own.load_state_dict(shared.state_dict())
+    with torch.no_grad():
+        for model in (shared, own):
+            model.up_gate.fill_(0.5)
+    for training in (True, False):
+        shared.train(training), own.train(training)
+        embeddings = own.training_embeddings("image", tokens, mask)
+        assert len(shared.training_embeddings("image", tokens, mask)) == 1
+        assert len(embeddings) == (2 if training else 1)  # evaluation embeds as any UP does
+        assert torch.allclose(embeddings[0], shared.encode("image", tokens, mask), atol=1e-6)
+        assert torch.allclose(own.encode("image", tokens, mask), embeddings[0], atol=1e-6)
+    path = own.train().training_embeddings("image", tokens, mask)[1]
+    assert torch.allclose(path, own.linear_path("image", tokens, mask))
+    with pytest.raises(ValueError, match="path_loss trains the pooled linear path: it needs pooled_skip"):
+        UPConfig({"image": D_IMG}, path_loss="own")
+    with pytest.raises(ValueError, match="path_loss must be one of"):
+        UPConfig({"image": D_IMG}, pooled_skip=True, path_loss="both")

@@ -17,7 +17,7 @@ from pipeline.studies.train_study import (
     branch_only_for,
     held_out,
     image_views,
-    linear_path_loss,
+    joint_path_loss,
     run_one,
     summarise,
     up_lr_scaled,
@@ -42,8 +42,9 @@ def test_a_study_fit_records_held_out_recall_at_every_epoch_and_summarises(tmp_p
     assert "branch_shut_r5" not in row["epochs"][0]["held_out"]  # a linear head has no UP branch to shut
     up = run_one(tmp_path / "dev", "toy", "default", seed=0, epochs=1)
     assert set(up["epochs"][0]["held_out"]["branch_shut_r5"]) == {"image", "text", "both"}
+    assert up["epochs"][0]["held_out"]["val_branch_shut"]["mean_rank"] >= 1
     # the running weight averages copy the model from epoch 3: a path-loss fit leaves nothing on it that cannot copy
-    path_loss = run_one(tmp_path / "dev", "toy", "default-path-detached", seed=0, epochs=3)
+    path_loss = run_one(tmp_path / "dev", "toy", "default-path-joint", seed=0, epochs=3)
     assert "avg_from_3" in path_loss["epochs"][2]["held_out"]
     own = run_one(tmp_path / "dev", "toy", "linear-cos-e10", seed=0)  # no --epochs: the config's own 10
     assert len(own["epochs"]) == 10
@@ -172,13 +173,14 @@ def test_a_caption_only_branch_leaves_images_on_the_linear_path_and_captions_on_
         assert torch.equal(model.encode("image", *batches["image"]), full["image"])  # the UP is itself again after
 
 
-@pytest.mark.parametrize("mode", ["joint", "detached"])
-def test_the_linear_path_loss_adds_the_paths_own_loss_and_detached_trains_the_path_by_it_alone(tmp_path, mode):
+@pytest.mark.parametrize("path_loss", ["own", "joint"])
+def test_a_path_loss_adds_the_paths_own_loss_and_own_trains_the_path_by_it_alone(tmp_path, path_loss):
     image, text = make_toy_pair(tmp_path, n_images=8, captions=1, seed=0)
     images, texts = FeatureStore.open(image), FeatureStore.open(text)
     torch.manual_seed(0)
-    model = build_head("up", HEADS["up"].config_class({"image": images.dim, "text": texts.dim}, width=32, blocks=1,
-                                                      dropout=0.0, pooled_skip=True)).train()
+    config = HEADS["up"].config_class({"image": images.dim, "text": texts.dim}, width=32, blocks=1, dropout=0.0,
+                                      pooled_skip=True, path_loss="own" if path_loss == "own" else "shared")
+    model = build_head("up", config).train()
     with torch.no_grad():
         model.up_gate.fill_(0.5)
     rows = torch.arange(8).numpy()
@@ -191,13 +193,14 @@ def test_the_linear_path_loss_adds_the_paths_own_loss_and_detached_trains_the_pa
 
     full = loss_fn(model.encode("image", *fetched[0]), model.encode("text", *fetched[1]))
     path = loss_fn(model.linear_path("image", *fetched[0]), model.linear_path("text", *fetched[1]))
-    original = fit_module.global_batch_loss
-    with linear_path_loss(mode):
+    with joint_path_loss(path_loss == "joint"):
         total = fit_module.global_batch_loss(PairEncoder(model, "image", "text"), loss_fn, fetched, 8, "cpu")
-    assert fit_module.global_batch_loss is original
+    assert len(model.training_embeddings("image", *fetched[0])) == (2 if path_loss == "own" else 1)  # restored
     assert torch.allclose(total, full + path, atol=1e-5)
-    # detached: the UP's embedding reads the path without its gradient, so only the path's own loss trains it
-    expected = grads(path) if mode == "detached" else [f + p for f, p in zip(grads(full), grads(path), strict=True)]
+    # own: the UP's embedding reads the path without its gradient, so only the path's own loss trains it
+    if path_loss == "own":
+        expected = grads(path)
+    else:
+        expected = [f + p for f, p in zip(grads(full), grads(path), strict=True)]
     for got, want in zip(grads(total), expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6)
-    assert not torch.allclose(grads(full)[1], grads(path)[1], atol=1e-6)  # the two losses train the path apart

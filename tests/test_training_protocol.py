@@ -222,6 +222,36 @@ def test_fit_up_records_the_selection_rule_and_epoch(toy, tmp_path, one_thread):
     assert "best validation rsum" in selection["rule"]
 
 
+@pytest.mark.parametrize("path_loss", ["own", "shared"])
+def test_fit_ups_up_trains_its_linear_path_as_the_linear_head_of_its_seed_with_its_own_loss(toy, tmp_path, one_thread,
+                                                                                          path_loss):
+    from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+
+    rows = np.arange(8)
+    probe = {"image": FeatureStore.open(toy["image"]).get_batch(rows),
+             "text": FeatureStore.open(toy["text"]).get_batch(rows)}
+    seen: dict[str, list] = {}
+    for head in ("up", "linear"):
+        seen[head] = []
+
+        def monitor(epoch, model, head=head):
+            embed = model.linear_path if head == "up" else model.encode
+            with torch.no_grad():
+                seen[head].append({m: embed(m, *probe[m]) for m in probe})
+            return {}
+
+        # A fixed temperature: the only parameter the two losses would otherwise share
+        fit_up(toy["image"], toy["text"], tmp_path / head, head=head, width=16, blocks=1,
+               head_options={} if path_loss == "shared" else {"path_loss": path_loss},
+               loss=LossConfig(learn_temperature=False), train=TrainConfig(epochs=3, batch_size=8, tensorboard=False),
+               progress=False, on_epoch=monitor)
+    assert config(tmp_path / "up")["model"]["path_loss"] == path_loss  # "shared": fit-up's default
+    same = [all(torch.allclose(up[m], linear[m], atol=1e-5) for m in probe)
+            for up, linear in zip(seen["up"], seen["linear"], strict=True)]
+    # own: epoch by epoch the path is the linear head; shared: the UP's loss moves it elsewhere
+    assert same == [path_loss == "own"] * 3
+
+
 def test_fit_up_keeps_the_latest_epoch_within_one_standard_error_and_a_resume_keeps_the_same(toy, tmp_path,
                                                                                              one_thread):
     from pipeline.training.fit import TrainConfig, fit_up

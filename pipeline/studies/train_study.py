@@ -28,10 +28,9 @@ from pipeline.embed import embed_store
 from pipeline.evaluation.metrics import bidirectional_retrieval, retrieval_metrics
 from pipeline.training import fit as fit_module
 from pipeline.training.defaults import FIT_UP_SCHEDULE
-from pipeline.training.fit import LossConfig, TrainConfig, fit_up
+from pipeline.training.fit import LossConfig, Stage, TrainConfig, _validate, checked_pairs, fit_up
 from pipeline.training.pairs import pair_stores, split_by_anchor
 from pipeline.training.prefetch import token_batch
-from project.dropout import drop_path, drop_tokens
 from project.up import OneEncoder
 from stores import FeatureStore
 
@@ -132,45 +131,32 @@ CONFIGS["linear-v4"] = {**CONFIGS["linear-default"], "views": 4}
 CONFIGS["default-caption-branch"] = {**CONFIGS["default"], "branch_for": ("text",)}
 
 
-# Hypothesis 18: the UP's linear path trained to stand alone as well. "joint": the loss is the contrastive loss of
-# the UP's embeddings plus that of its linear path's; "detached": the same two losses, but the UP's embedding reads
-# the path without its gradient, so the path trains as the linear head does and the branch fits what it leaves.
+# Hypothesis 18: the UP's linear path trained by a contrastive loss of its own. "own" (fit-up's path_loss): the
+# UP's embedding reads the path without its gradient, so the path trains as the linear head does and the branch fits
+# what it leaves; "joint" (a study patch): the path's own loss is added to the UP's, which still trains the path too.
+CONFIGS["default-path-own"] = {**CONFIGS["default"], "head_options": {"path_loss": "own"}}
 CONFIGS["default-path-joint"] = {**CONFIGS["default"], "path_loss": "joint"}
-CONFIGS["default-path-detached"] = {**CONFIGS["default"], "path_loss": "detached"}
 
 
 @contextlib.contextmanager
-def linear_path_loss(mode: str | None):
-    """Within: fit-up's training loss adds the contrastive loss of a pooled-path UP's linear path alone to that of
-    its embeddings (``mode`` "joint"), or does so with the embeddings reading the path without its gradient
-    ("detached"); evaluation is unchanged (a study hypothesis, not a fit-up option). None: fit-up as it is."""
-    if mode is None:
+def joint_path_loss(joint: bool):
+    """Within (when ``joint``): a pooled-path UP's training embeddings add its linear path's, so fit-up's loss adds
+    the path's own contrastive loss to the UP's, which still trains the path as well (a study hypothesis, not a
+    fit-up option; with ``path_loss="own"`` the UP's loss does not reach the path)."""
+    if not joint:
         yield
         return
-    original_encode, original_loss = OneEncoder._encode, fit_module.global_batch_loss
-    paths: list[torch.Tensor] = []  # the training batch's linear-path embeddings, anchor side first
+    original = OneEncoder._training_embeddings
 
-    def encode(self, modality, tokens, mask):
-        mask = drop_tokens(mask, self.config.token_dropout, self.training)
-        branch = self.up(modality, self.adapters[modality](tokens), mask)
-        path = self.linear_path(modality, tokens, mask)
-        if self.training:
-            paths.append(path)
-        base = path.detach() if mode == "detached" and self.training else path
-        return base + self.config.gate_scale * self.up_gate * drop_path(branch, self.config.up_drop, self.training)
+    def embeddings(self, modality, tokens, mask):
+        out = original(self, modality, tokens, mask)
+        return (*out, self.linear_path(modality, tokens, mask)) if self.training else out
 
-    def loss(encode_pair, loss_fn, fetched, batch_len, device, precision="fp32"):
-        paths.clear()
-        total = original_loss(encode_pair, loss_fn, fetched, batch_len, device, precision)
-        a_path, b_path = paths
-        paths.clear()
-        return total + loss_fn(a_path.float(), b_path.float())
-
-    OneEncoder._encode, fit_module.global_batch_loss = encode, loss
+    OneEncoder._training_embeddings = embeddings
     try:
         yield
     finally:
-        OneEncoder._encode, fit_module.global_batch_loss = original_encode, original_loss
+        OneEncoder._training_embeddings = original
 
 
 @contextlib.contextmanager
@@ -181,18 +167,18 @@ def branch_only_for(modalities: tuple[str, ...] | None):
     if modalities is None:
         yield
         return
-    original = OneEncoder._encode
+    original = OneEncoder._training_embeddings
 
-    def encode(self, modality, tokens, mask):
+    def embeddings(self, modality, tokens, mask):
         if modality in modalities:
             return original(self, modality, tokens, mask)
-        return self.linear_path(modality, tokens, mask)
+        return (self.linear_path(modality, tokens, mask),)
 
-    OneEncoder._encode = encode
+    OneEncoder._training_embeddings = embeddings
     try:
         yield
     finally:
-        OneEncoder._encode = original
+        OneEncoder._training_embeddings = original
 
 
 @contextlib.contextmanager
@@ -347,18 +333,25 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
     gallery = GalleryValidation(FeatureStore.open(folder / "image-train"), FeatureStore.open(folder / "text-train"),
                                 train.val_fraction, seed)
 
+    train_images, train_texts = FeatureStore.open(folder / "image-train"), FeatureStore.open(folder / "text-train")
+    stage = Stage("fit-up", "image", "text", train_images, train_texts, train)
+    _, _, val_pairs = checked_pairs(train_images, train_texts, train)  # the fit's own validation split
+
     def monitor(epoch: int, model: torch.nn.Module) -> dict:
         out = {**averages(epoch, model), "val_gallery_mean_rank": gallery(model)}
         if hasattr(model, "up_gate"):
             out["branch_shut_r5"] = {name: held_out(model, test_images, test_texts, shut)["R@5"]
                                      for name, shut in BRANCH_SHUT.items()}
+            with branch_shut(model, True):  # the validation split's view of the UP's linear path alone
+                shut = _validate(model, stage, val_pairs)[0]
+            out["val_branch_shut"] = {"mean_rank": shut["mean_rank"], "mean_rank_se": shut["mean_rank_se"]}
         return out
 
     started = time.perf_counter()
     views = [FeatureStore.open(folder / f"image-train-view{k}") for k in range(1, config.get("views", 0) + 1)]
     with (tempfile.TemporaryDirectory() as tmp, up_lr_scaled(config.get("up_lr_scale"), train.lr),
           image_views(views, seed), branch_only_for(config.get("branch_for")),
-          linear_path_loss(config.get("path_loss"))):
+          joint_path_loss(config.get("path_loss") == "joint")):
         options = dict(config["head_options"])
         fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
                width=config.get("width", 256), blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,

@@ -126,8 +126,12 @@ class PairEncoder(nn.Module):
         super().__init__()
         self.model, self.anchor, self.partner = model, anchor, partner
 
-    def forward(self, a_tokens: Tensor, a_mask: Tensor, b_tokens: Tensor, b_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.encode(self.anchor, a_tokens, a_mask), self.model.encode(self.partner, b_tokens, b_mask)
+    def forward(self, a_tokens: Tensor, a_mask: Tensor, b_tokens: Tensor,
+                b_mask: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Each side's training embeddings (``Head.training_embeddings``: the embedding, then any part of the head
+        that learns from a loss of its own)."""
+        return (self.model.training_embeddings(self.anchor, a_tokens, a_mask),
+                self.model.training_embeddings(self.partner, b_tokens, b_mask))
 
 
 def pair_encoder(model: nn.Module, anchor: str, partner: str, device: str) -> nn.Module:

@@ -64,7 +64,7 @@ from stores import FeatureStore
 
 # Head config fields fit-up takes as options of their own (through ``head_options``); the run records them in its
 # model config, so --resume restores them and a sweep grid may vary them.
-HEAD_OPTIONS = ("dropout", "token_dropout", "up_drop")
+HEAD_OPTIONS = ("dropout", "token_dropout", "up_drop", "path_loss")
 
 
 @dataclass
@@ -180,17 +180,22 @@ def global_batch_loss(encode_pair: nn.Module, loss_fn: ContrastiveLoss, fetched:
     ``((a_tokens, a_mask), (b_tokens, b_mask))``. In a single process the slice is the whole batch; under torchrun
     the slices' embeddings are gathered with gradients, so every rank returns the loss of the whole global batch
     and backward gives (after DDP's averaging) the single-process gradient. Under ``precision`` bf16 / fp16 the
-    forward runs in autocast and the embeddings are cast back: the similarities and the loss are fp32."""
+    forward runs in autocast and the embeddings are cast back: the similarities and the loss are fp32. A head whose
+    parts learn from losses of their own (``Head.training_embeddings``) gets the sum of one loss per part."""
     (a_tokens, a_mask), (b_tokens, b_mask) = (to_device(side, device) for side in fetched)
     with autocast(precision, device):
-        a, b = encode_pair(a_tokens, a_mask, b_tokens, b_mask)
-    if precision != "fp32":
-        a, b = a.float(), b.float()
+        a_parts, b_parts = encode_pair(a_tokens, a_mask, b_tokens, b_mask)
     if distributed.is_distributed():
         sizes = distributed.split_sizes(batch_len, distributed.world_size())
         own = sizes[distributed.rank()]  # a rank with an empty slice embedded one row it drops here
-        a, b = distributed.gather_rows(a[:own], sizes), distributed.gather_rows(b[:own], sizes)
-    return loss_fn(a, b)
+    total = None
+    for a, b in zip(a_parts, b_parts, strict=True):
+        if precision != "fp32":
+            a, b = a.float(), b.float()
+        if distributed.is_distributed():
+            a, b = distributed.gather_rows(a[:own], sizes), distributed.gather_rows(b[:own], sizes)
+        total = loss_fn(a, b) if total is None else total + loss_fn(a, b)
+    return total
 
 
 def checked_pairs(anchor: FeatureStore, partner: FeatureStore, cfg: TrainConfig) -> tuple[Pairs, Pairs, Pairs]:
