@@ -11,6 +11,7 @@ from toy_stores import make_toy_pair
 
 from pipeline.embed import embed_store
 from pipeline.evaluation.metrics import bidirectional_retrieval
+from pipeline.studies import devsets
 from pipeline.studies.devsets import write_views
 from pipeline.studies.train_study import (
     GalleryValidation,
@@ -204,3 +205,12 @@ def test_a_path_loss_adds_the_paths_own_loss_and_own_trains_the_path_by_it_alone
         expected = [f + p for f, p in zip(grads(full), grads(path), strict=True)]
     for got, want in zip(grads(total), expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_a_development_set_whose_media_are_missing_is_refused_naming_the_package(tmp_path, monkeypatch):
+    assert set(devsets.SOURCES) == set(devsets.ALL_SETS)  # every set names where its media come from
+    monkeypatch.setitem(devsets.SOURCES, "emoji", (tmp_path / "absent.ttf", "fonts-noto-color-emoji"))
+    with pytest.raises(devsets.MissingSource, match="emoji: .*absent.ttf is missing; install the Debian package "
+                                                    "fonts-noto-color-emoji"):
+        devsets.write_set("emoji", tmp_path / "dev", 0.2, 0)
+    assert not (tmp_path / "dev").exists()  # nothing half-written

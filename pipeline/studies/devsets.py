@@ -101,14 +101,26 @@ def icons(out: Path, count: int, rng: random.Random) -> list[tuple[str, Path, st
 SETS = {"clipart": (clipart, 30), "emoji": (emoji, 480), "icons": (icons, 480)}
 # SETS and, built only when named, about 2,000 pairs (up to 150 per category): the heads with 5x the data.
 ALL_SETS = {**SETS, "clipart-large": (clipart, 150)}
+# Where each set's media come from, and the Debian package that installs them there.
+SOURCES = {"clipart": (CLIPART_ROOT, "openclipart-png"), "clipart-large": (CLIPART_ROOT, "openclipart-png"),
+           "emoji": (EMOJI_FONT, "fonts-noto-color-emoji"), "icons": (ADWAITA_ROOT, "adwaita-icon-theme-full")}
+
+
+class MissingSource(Exception):
+    """A set's media are not on this machine."""
 
 
 def write_set(name: str, out: Path, held_out: float, seed: int) -> Path:
     make, size = ALL_SETS[name]
+    source, package = SOURCES[name]
+    if not source.exists():
+        raise MissingSource(f"{name}: {source} is missing; install the Debian package {package}")
     rng = random.Random(seed)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     items = make(folder, size, rng)
+    if not items:
+        raise MissingSource(f"{name}: no media found under {source}; install the Debian package {package}")
     rng.shuffle(items)
     n_test = round(held_out * len(items))
     for split, part in (("test", items[:n_test]), ("train", items[n_test:])):
@@ -195,7 +207,10 @@ def main() -> None:
     if args.views_only and not args.views:
         parser.error("--views-only writes views: give their number with --views")
     for name in args.sets:
-        folder = args.out / name if args.views_only else write_set(name, args.out, args.held_out, args.seed)
+        try:
+            folder = args.out / name if args.views_only else write_set(name, args.out, args.held_out, args.seed)
+        except MissingSource as err:
+            parser.exit(1, f"devsets: {err}\n")
         if args.extract and not args.views_only:
             extract(folder)
         for view in write_views(folder, args.views, args.seed) if args.views else []:
