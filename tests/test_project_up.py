@@ -542,7 +542,8 @@ def test_a_path_loss_of_its_own_adds_the_paths_embedding_in_training_and_changes
         for model in (shared, own):
             model.up_gate.fill_(0.5)
     for training in (True, False):
-        shared.train(training), own.train(training)
+        shared.train(training)
+        own.train(training)
         embeddings = own.training_embeddings("image", tokens, mask)
         assert len(shared.training_embeddings("image", tokens, mask)) == 1
         assert len(embeddings) == (2 if training else 1)  # evaluation embeds as any UP does

@@ -330,10 +330,8 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
                            "tensorboard": False})
     loss = LossConfig(**config["loss"])
     averages = EpochAverages(test_images, test_texts)
-    gallery = GalleryValidation(FeatureStore.open(folder / "image-train"), FeatureStore.open(folder / "text-train"),
-                                train.val_fraction, seed)
-
     train_images, train_texts = FeatureStore.open(folder / "image-train"), FeatureStore.open(folder / "text-train")
+    gallery = GalleryValidation(train_images, train_texts, train.val_fraction, seed)
     stage = Stage("fit-up", "image", "text", train_images, train_texts, train)
     _, _, val_pairs = checked_pairs(train_images, train_texts, train)  # the fit's own validation split
 
@@ -354,8 +352,8 @@ def run_one(dev: Path, set_name: str, config_name: str, seed: int, epochs: int |
           joint_path_loss(config.get("path_loss") == "joint")):
         options = dict(config["head_options"])
         fit_up(folder / "image-train", folder / "text-train", Path(tmp) / "run", head=config["head"],
-               width=config.get("width", 256), blocks=config.get("blocks", 4), pooled_skip=options.pop("pooled_skip", True), head_options=options,
-               loss=loss, train=train,
+               width=config.get("width", 256), blocks=config.get("blocks", 4),
+               pooled_skip=options.pop("pooled_skip", True), head_options=options, loss=loss, train=train,
                progress=False, on_epoch=monitor)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     kept = max(r["epoch"] for r in records if r.get("saved"))
